@@ -1,0 +1,183 @@
+//! Web Push ingress (SPEC §4): `POST /push/{id}` from instances.
+//!
+//! Checks run cheapest first, and each failure has exactly one answer:
+//! registration (404, 410, 503) → size (413) → VAPID (401, 403) →
+//! encryption framing (400) → rate limits (429) → durable enqueue (201, or
+//! 503 if the store is down). Mastodon deletes a subscription on any 4xx
+//! but 408/429, so anything a sender might merely write differently is
+//! read leniently rather than refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use push_relay_providers::{Content, Notification};
+use warp::http::{header, HeaderMap, StatusCode};
+use warp::reply::Response;
+
+use super::error::ApiError;
+use super::App;
+use crate::dispatch::now_ms;
+use crate::keys;
+use crate::limits::retry_after_secs;
+use crate::store::{QueuedMessage, Registration, RegistrationState, StoredBody};
+use crate::webpush::{self, crypto, payload, vapid};
+
+/// When a TTL-0 message must be fetched by the app, its body is kept this
+/// long (the notification only says "fetch").
+const TTL0_FETCH_MS: i64 = 30_000;
+/// `Retry-After` for a registration that is not confirmed yet.
+const PENDING_RETRY_SECS: u64 = 60;
+
+fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A body that was too large to read whole.
+pub struct TooLarge;
+
+pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Vec<u8>, TooLarge>) -> Result<Response, ApiError> {
+    let registration = match app.store.registration(&id).await? {
+        None => return Err(ApiError::not_found("no such registration")),
+        Some(r) => r,
+    };
+    match registration.state {
+        RegistrationState::Active => {}
+        RegistrationState::Deleted => {
+            return Err(ApiError::new(StatusCode::GONE, "gone", "the registration was deleted"))
+        }
+        RegistrationState::Gone => {
+            return Err(ApiError::new(StatusCode::GONE, "gone", "the device is no longer registered with its provider"))
+        }
+        RegistrationState::Pending => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_confirmed",
+                "the registration is not confirmed yet",
+            )
+            .retry_after(PENDING_RETRY_SECS))
+        }
+    }
+    let Ok(body) = body else {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is over {} bytes", webpush::MAX_BODY),
+        ));
+    };
+
+    // VAPID: 401 for anything unreadable or unverifiable, 403 for a valid
+    // token from another key than the one confirmed.
+    let unauthorized = |e: vapid::VapidError| ApiError::new(StatusCode::UNAUTHORIZED, "vapid_invalid", e.0);
+    let credentials = vapid::credentials(text(&headers, "authorization"), text(&headers, "crypto-key")).map_err(unauthorized)?;
+    let verified = vapid::verify(&credentials, &app.origin, now_ms() / 1000).map_err(unauthorized)?;
+    if registration.server_key.as_deref() != Some(verified.key.as_slice()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "vapid_key_mismatch",
+            "the VAPID key is not the server key this registration was confirmed with",
+        ));
+    }
+
+    let encrypted = crypto::check(
+        text(&headers, "content-encoding"),
+        text(&headers, "encryption"),
+        text(&headers, "crypto-key"),
+        body,
+    )
+    .map_err(|e| ApiError::bad_request("invalid_encryption", e))?;
+    let delivery = webpush::delivery(text(&headers, "ttl"), text(&headers, "urgency"), text(&headers, "topic"));
+    let ttl = delivery.ttl.unwrap_or(app.queue.default_ttl_secs).min(app.queue.max_ttl_secs);
+
+    if let Err(refused) = app.limits.push(&registration.instance, &registration.id) {
+        app.metrics.rate_limited.with_label_values(&[refused.limit]).inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many pushes for this {}", refused.limit),
+        )
+        .retry_after(retry_after_secs(refused.retry_after)));
+    }
+
+    let content = content(&app, &registration, encrypted);
+    let now = now_ms();
+    let message_id = keys::new_id();
+    let mut notification = Notification {
+        message_id: message_id.clone(),
+        registration: registration.id.clone(),
+        token: registration.token.clone(),
+        instance: registration.instance.clone(),
+        account: registration.account.clone(),
+        urgency: delivery.urgency,
+        ttl: Duration::from_secs(u64::from(ttl)),
+        topic: delivery.topic,
+        content,
+    };
+    // Opaque bodies too large for the provider are stored for the app to
+    // fetch, and the notification only says so (SPEC §5, large bodies).
+    let needs_fetch = matches!(notification.content, Content::Opaque { .. })
+        && app.providers.get(&registration.provider).is_some_and(|p| !p.fits(&notification));
+    let lifetime = if ttl == 0 { TTL0_FETCH_MS } else { i64::from(ttl) * 1000 };
+    let mut stored_body = None;
+    if needs_fetch {
+        if let Content::Opaque { encoding, body, salt, dh } = std::mem::replace(&mut notification.content, Content::Fetch) {
+            stored_body = Some(StoredBody {
+                message_id: message_id.clone(),
+                registration: registration.id.clone(),
+                encoding,
+                body,
+                salt,
+                dh,
+                expires_at: now + lifetime,
+            });
+        }
+    }
+
+    if ttl == 0 && stored_body.is_none() {
+        // One immediate attempt, never stored (RFC 8030 §5.2).
+        let dispatcher = app.dispatcher.clone();
+        let provider_name = registration.provider.clone();
+        tokio::spawn(async move { dispatcher.send_now(&provider_name, notification).await });
+    } else {
+        let message = QueuedMessage {
+            id: message_id.clone(),
+            registration: registration.id.clone(),
+            created_at: now,
+            expires_at: now + lifetime,
+            urgency: notification.urgency,
+            topic: notification.topic,
+            content: notification.content,
+            attempts: 0,
+            next_attempt_at: now,
+        };
+        app.store.enqueue(&message, stored_body.as_ref()).await?;
+        app.dispatcher.wake();
+    }
+
+    Ok(warp::http::Response::builder()
+        .status(StatusCode::CREATED)
+        .header(
+            header::LOCATION,
+            format!("{}/v1/registrations/{}/messages/{message_id}", app.endpoint_base, registration.id),
+        )
+        .header("ttl", ttl)
+        .body(Vec::new().into())
+        .unwrap_or_default())
+}
+
+/// What the device gets: the decrypted fields when the app allowed it and
+/// the payload decrypts to JSON, the encrypted body otherwise.
+fn content(app: &App, registration: &Registration, encrypted: crypto::Encrypted) -> Content {
+    if registration.allow_decrypt {
+        if let (Some(private_key), Some(auth)) = (&registration.private_key, &registration.auth) {
+            let decrypted = crypto::decrypt(&encrypted, private_key, &registration.p256dh, auth).and_then(payload::parse);
+            match decrypted {
+                Some(content) => return content,
+                None => {
+                    app.metrics.decrypt_fallbacks.inc();
+                    tracing::info!(registration = %registration.id, "payload did not decrypt to JSON; delivering it opaque");
+                }
+            }
+        }
+    }
+    Content::Opaque { encoding: encrypted.encoding, body: encrypted.body, salt: encrypted.salt, dh: encrypted.dh }
+}

@@ -1,0 +1,359 @@
+//! Delivery: workers claim due messages from the store, hand them to their
+//! providers in batches, and write the outcomes back.
+//!
+//! ```text
+//! store ──claim (lease)──▶ group by provider ──send──▶ outcomes ──apply──▶ store
+//! ```
+//!
+//! - Delivered: the message is removed (and a receipt remembered when the
+//!   provider has them, e.g. Expo).
+//! - Retry: rescheduled with exponential backoff and jitter, no sooner than
+//!   the provider's `Retry-After`, until the message's TTL runs out.
+//! - Gone: the registration is marked gone; its endpoint answers 410.
+//! - Failed: removed and counted.
+//!
+//! Providers of one batch are called concurrently, so a slow or failing
+//! provider never holds up the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use push_relay_providers::{Notification, Outcome, Provider, Receipt, ReceiptOutcome};
+use rand::Rng;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::store::{Claimed, Millis, PendingReceipt, RegistrationState, Store, Update};
+
+/// How often a receipt that was not ready is checked again, and how many
+/// times before giving up on it.
+const RECEIPT_RECHECK_MS: Millis = 60_000;
+const RECEIPT_MAX_CHECKS: u32 = 10;
+/// Receipts per claim.
+const RECEIPT_BATCH: usize = 1000;
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    providers: HashMap<String, Arc<dyn Provider>>,
+    metrics: Arc<Metrics>,
+    queue: push_relay_config::Queue,
+    wake: Notify,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        providers: HashMap<String, Arc<dyn Provider>>,
+        metrics: Arc<Metrics>,
+        queue: push_relay_config::Queue,
+    ) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher { store, providers, metrics, queue, wake: Notify::new() })
+    }
+
+    /// Starts the delivery workers, the receipt checker and housekeeping.
+    pub fn spawn(self: &Arc<Self>) {
+        for _ in 0..self.queue.workers {
+            let me = self.clone();
+            tokio::spawn(async move { me.work().await });
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.check_receipts().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.housekeeping().await });
+    }
+
+    /// Tells an idle worker that a message was queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.queue.poll_interval_ms)
+    }
+
+    async fn work(&self) {
+        loop {
+            let now = now_ms();
+            let lease_until = now + i64::from(self.queue.lease_secs) * 1000;
+            match self.store.claim(now, self.queue.batch_size, lease_until).await {
+                Ok(batch) if !batch.is_empty() => {
+                    self.deliver(batch).await;
+                    // More may be due: go on without waiting.
+                }
+                Ok(_) => {
+                    let _ = tokio::time::timeout(self.poll_interval(), self.wake.notified()).await;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot claim messages: {e}");
+                    tokio::time::sleep(self.poll_interval()).await;
+                }
+            }
+        }
+    }
+
+    /// Delivers a claimed batch and records the outcomes.
+    async fn deliver(&self, batch: Vec<Claimed>) {
+        let now = now_ms();
+        let mut updates = Vec::with_capacity(batch.len());
+        let mut by_provider: HashMap<&str, Vec<&Claimed>> = HashMap::new();
+        for claimed in &batch {
+            let m = &claimed.message;
+            let drop = |reason: &'static str, failed: bool| {
+                self.metrics.dropped.with_label_values(&[reason]).inc();
+                Update::Drop { message: m.id.clone(), registration: m.registration.clone(), failed }
+            };
+            if claimed.state != RegistrationState::Active {
+                updates.push(drop("inactive", false));
+            } else if m.expires_at <= now {
+                updates.push(drop("expired", false));
+            } else if !self.providers.contains_key(&claimed.provider) {
+                tracing::warn!(registration = %m.registration, provider = %claimed.provider, "provider no longer configured; message dropped");
+                updates.push(drop("failed", true));
+            } else {
+                by_provider.entry(claimed.provider.as_str()).or_default().push(claimed);
+            }
+        }
+        let sends = by_provider.into_iter().map(|(name, claimed)| self.send_group(name, claimed));
+        for group in futures::future::join_all(sends).await {
+            updates.extend(group);
+        }
+        if let Err(e) = self.store.apply(&updates).await {
+            // The leases run out and the messages are tried again: delivery
+            // is at least once, never lost.
+            tracing::error!("cannot record delivery outcomes: {e}");
+        }
+    }
+
+    async fn send_group(&self, name: &str, claimed: Vec<&Claimed>) -> Vec<Update> {
+        let Some(provider) = self.providers.get(name) else { return Vec::new() };
+        let mut updates = Vec::with_capacity(claimed.len());
+        for chunk in claimed.chunks(provider.max_batch().max(1)) {
+            let now = now_ms();
+            let notifications: Vec<Notification> = chunk.iter().map(|c| notification(c, now)).collect();
+            let outcomes = provider.send(&notifications).await;
+            let now = now_ms();
+            for (claimed, outcome) in chunk.iter().zip(outcomes.iter().chain(std::iter::repeat(&MISSING))) {
+                self.record(name, provider.as_ref(), claimed, outcome, now, &mut updates);
+            }
+        }
+        updates
+    }
+
+    /// Turns one provider outcome into store updates and metrics.
+    fn record(&self, name: &str, provider: &dyn Provider, claimed: &Claimed, outcome: &Outcome, now: Millis, updates: &mut Vec<Update>) {
+        let m = &claimed.message;
+        self.metrics.deliveries.with_label_values(&[name, outcome.label()]).inc();
+        match outcome {
+            Outcome::Delivered { receipt } => {
+                self.metrics
+                    .delivery_seconds
+                    .with_label_values(&[name])
+                    .observe((now - m.created_at).max(0) as f64 / 1000.0);
+                updates.push(Update::Delivered { message: m.id.clone(), registration: m.registration.clone(), at: now });
+                if let (Some(id), Some(delay)) = (receipt, provider.receipt_delay()) {
+                    updates.push(Update::AddReceipt(PendingReceipt {
+                        id: id.clone(),
+                        registration: m.registration.clone(),
+                        provider: name.to_string(),
+                        check_at: now + delay.as_millis() as Millis,
+                        checks: 0,
+                    }));
+                }
+            }
+            Outcome::Retry { after, reason } => {
+                let attempts = m.attempts.saturating_add(1);
+                let delay = backoff(&self.queue, attempts).max(after.unwrap_or_default());
+                let next = now + delay.as_millis() as Millis;
+                if next >= m.expires_at {
+                    tracing::info!(registration = %m.registration, attempts, "message expired while retrying: {reason}");
+                    self.metrics.dropped.with_label_values(&["expired"]).inc();
+                    updates.push(Update::Drop { message: m.id.clone(), registration: m.registration.clone(), failed: true });
+                } else {
+                    tracing::debug!(registration = %m.registration, attempts, delay_ms = delay.as_millis() as u64, "retrying: {reason}");
+                    updates.push(Update::Retry { message: m.id.clone(), attempts, next_attempt_at: next });
+                }
+            }
+            Outcome::Gone { reason } => {
+                tracing::info!(registration = %m.registration, provider = name, "device token is gone: {reason}");
+                self.metrics.registrations.with_label_values(&["gone"]).inc();
+                self.metrics.dropped.with_label_values(&["gone"]).inc();
+                updates.push(Update::Gone { registration: m.registration.clone() });
+            }
+            Outcome::Failed { reason } => {
+                tracing::warn!(registration = %m.registration, provider = name, "delivery failed: {reason}");
+                self.metrics.dropped.with_label_values(&["failed"]).inc();
+                updates.push(Update::Drop { message: m.id.clone(), registration: m.registration.clone(), failed: true });
+            }
+        }
+    }
+
+    /// TTL 0 (RFC 8030 §5.2): one immediate attempt; never stored.
+    pub async fn send_now(&self, provider_name: &str, notification: Notification) {
+        let Some(provider) = self.providers.get(provider_name) else { return };
+        let outcomes = provider.send(std::slice::from_ref(&notification)).await;
+        let outcome = outcomes.first().unwrap_or(&MISSING);
+        self.metrics.deliveries.with_label_values(&[provider_name, outcome.label()]).inc();
+        let update = match outcome {
+            Outcome::Delivered { receipt: Some(id) } => provider.receipt_delay().map(|delay| {
+                Update::AddReceipt(PendingReceipt {
+                    id: id.clone(),
+                    registration: notification.registration.clone(),
+                    provider: provider_name.to_string(),
+                    check_at: now_ms() + delay.as_millis() as Millis,
+                    checks: 0,
+                })
+            }),
+            Outcome::Delivered { receipt: None } => None,
+            Outcome::Gone { reason } => {
+                tracing::info!(registration = %notification.registration, "device token is gone: {reason}");
+                self.metrics.registrations.with_label_values(&["gone"]).inc();
+                Some(Update::Gone { registration: notification.registration.clone() })
+            }
+            Outcome::Retry { reason, .. } | Outcome::Failed { reason } => {
+                tracing::info!(registration = %notification.registration, "TTL 0 message not delivered: {reason}");
+                self.metrics.dropped.with_label_values(&["ttl0"]).inc();
+                None
+            }
+        };
+        if let Some(update) = update {
+            if let Err(e) = self.store.apply(&[update]).await {
+                tracing::error!("cannot record a TTL 0 outcome: {e}");
+            }
+        }
+    }
+
+    async fn check_receipts(&self) {
+        let interval = self.poll_interval().max(Duration::from_millis(200));
+        loop {
+            let now = now_ms();
+            let lease_until = now + i64::from(self.queue.lease_secs) * 1000;
+            match self.store.claim_receipts(now, RECEIPT_BATCH, lease_until).await {
+                Ok(due) if !due.is_empty() => {
+                    let updates = self.check_batch(due).await;
+                    if let Err(e) = self.store.apply(&updates).await {
+                        tracing::warn!("cannot record receipt checks: {e}");
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot claim receipts: {e}"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    async fn check_batch(&self, due: Vec<PendingReceipt>) -> Vec<Update> {
+        let mut by_provider: HashMap<String, Vec<PendingReceipt>> = HashMap::new();
+        for r in due {
+            by_provider.entry(r.provider.clone()).or_default().push(r);
+        }
+        let mut updates = Vec::new();
+        for (name, pending) in by_provider {
+            let Some(provider) = self.providers.get(&name) else {
+                updates.extend(pending.into_iter().map(|r| Update::ReceiptDone { id: r.id }));
+                continue;
+            };
+            let receipts: Vec<Receipt> =
+                pending.iter().map(|r| Receipt { id: r.id.clone(), registration: r.registration.clone() }).collect();
+            let outcomes = provider.check_receipts(&receipts).await;
+            let now = now_ms();
+            for (r, outcome) in pending.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat(ReceiptOutcome::Pending))) {
+                match outcome {
+                    ReceiptOutcome::Done => updates.push(Update::ReceiptDone { id: r.id }),
+                    ReceiptOutcome::Gone { reason } => {
+                        tracing::info!(registration = %r.registration, provider = %name, "device token is gone (receipt): {reason}");
+                        self.metrics.registrations.with_label_values(&["gone"]).inc();
+                        updates.push(Update::Gone { registration: r.registration.clone() });
+                        updates.push(Update::ReceiptDone { id: r.id });
+                    }
+                    ReceiptOutcome::Pending if r.checks + 1 >= RECEIPT_MAX_CHECKS => {
+                        updates.push(Update::ReceiptDone { id: r.id })
+                    }
+                    ReceiptOutcome::Pending => updates.push(Update::ReceiptLater {
+                        id: r.id,
+                        check_at: now + RECEIPT_RECHECK_MS,
+                        checks: r.checks + 1,
+                    }),
+                }
+            }
+        }
+        updates
+    }
+
+    /// Expires old messages and refreshes the queue gauges, once a second.
+    async fn housekeeping(&self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            match self.store.expire(now).await {
+                Ok(n) if n > 0 => self.metrics.dropped.with_label_values(&["expired"]).inc_by(n),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot expire messages: {e}"),
+            }
+            if let Ok(stats) = self.store.queue_stats().await {
+                self.metrics.queue_depth.set(stats.depth as i64);
+                let age = stats.oldest_created_at.map_or(0, |t| (now - t).max(0) / 1000);
+                self.metrics.queue_oldest_seconds.set(age);
+            }
+        }
+    }
+}
+
+/// The outcome used when a provider returned fewer outcomes than
+/// notifications (a provider bug): retry rather than lose.
+static MISSING: Outcome = Outcome::Retry { after: None, reason: String::new() };
+
+/// The provider-facing notification for a claimed message at time `now`.
+fn notification(c: &Claimed, now: Millis) -> Notification {
+    let m = &c.message;
+    Notification {
+        message_id: m.id.clone(),
+        registration: m.registration.clone(),
+        token: c.token.clone(),
+        instance: c.instance.clone(),
+        account: c.account.clone(),
+        urgency: m.urgency,
+        ttl: Duration::from_millis((m.expires_at - now).max(1000) as u64),
+        topic: m.topic.clone(),
+        content: m.content.clone(),
+    }
+}
+
+/// Exponential backoff with jitter: `base · 2^(attempts-1)`, capped, then a
+/// random point in its upper half (so that retries of a failed batch spread
+/// out instead of hitting the provider together).
+pub fn backoff(queue: &push_relay_config::Queue, attempts: u32) -> Duration {
+    let base = queue.retry_base_ms.max(1);
+    let cap = queue.retry_max_secs.saturating_mul(1000).max(base);
+    let exp = base.saturating_mul(1u64 << attempts.saturating_sub(1).min(40)).min(cap);
+    let jittered = rand::thread_rng().gen_range(exp / 2..=exp);
+    Duration::from_millis(jittered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let queue = push_relay_config::Queue { retry_base_ms: 1000, retry_max_secs: 10, ..Default::default() };
+        for _ in 0..50 {
+            let first = backoff(&queue, 1);
+            assert!(first >= Duration::from_millis(500) && first <= Duration::from_millis(1000));
+            let third = backoff(&queue, 3);
+            assert!(third >= Duration::from_millis(2000) && third <= Duration::from_millis(4000));
+            let late = backoff(&queue, 30);
+            assert!(late >= Duration::from_millis(5000) && late <= Duration::from_millis(10_000));
+            assert!(backoff(&queue, u32::MAX) <= Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! push-relay's gateway: the server that takes Web Push from Fediverse
+//! instances and delivers it to phones through Expo (and, later, APNs and
+//! FCM).
+//!
+//! ```text
+//! instance ──POST /push/{id}──▶ api::ingress ──▶ store (queue) ──▶ dispatch ──▶ provider ──▶ phone
+//!                               parse, VAPID,     durable, 201      claim,        Expo
+//!                               limits, decrypt?  after commit      batch, retry
+//! ```
+//!
+//! Modules: [`api`] (HTTP routes), [`webpush`] (header parsing, VAPID,
+//! encryption), [`store`] (SQLite and PostgreSQL), [`dispatch`] (delivery
+//! workers), [`limits`], [`metrics`], [`keys`].
+
+pub mod api;
+pub mod dispatch;
+pub mod keys;
+pub mod limits;
+pub mod metrics;
+pub mod store;
+pub mod webpush;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use push_relay_config::Config;
+
+/// Sets up `tracing` as configured: text or JSON lines on stderr, filtered
+/// by `log_level` (or `RUST_LOG` when set).
+pub fn init_logging(server: &push_relay_config::Server) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&server.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = match server.log_format {
+        push_relay_config::LogFormat::Json => builder.json().try_init(),
+        push_relay_config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs the relay until SIGINT or SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let store = store::open(&config.store).await.context("cannot open the store")?;
+    let mut providers = HashMap::new();
+    for (name, provider) in &config.providers {
+        providers.insert(name.clone(), push_relay_providers::build(name, provider)?);
+    }
+    let metrics = Arc::new(metrics::Metrics::new());
+    let dispatcher = dispatch::Dispatcher::new(store.clone(), providers.clone(), metrics.clone(), config.queue.clone());
+    dispatcher.spawn();
+
+    let endpoint_base = config.server.endpoint_base();
+    let origin = config.server.public_url.origin().ascii_serialization();
+    let app = Arc::new(api::App {
+        store,
+        providers,
+        limits: limits::Limits::new(&config.limits),
+        metrics,
+        dispatcher,
+        endpoint_base,
+        origin,
+        queue: config.queue.clone(),
+        registration_key: config.server.registration_key.clone(),
+        trust_forwarded_for: config.server.trust_forwarded_for,
+    });
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                app.limits.forget_idle();
+            }
+        });
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    tracing::info!(
+        listen = %config.server.listen,
+        public_url = %config.server.public_url,
+        store = store_kind(&config.store.url),
+        providers = ?config.providers.keys().collect::<Vec<_>>(),
+        "push-relay is listening"
+    );
+    warp::serve(api::routes(app)).incoming(listener).graceful(shutdown_signal()).run().await;
+    tracing::info!("push-relay stopped");
+    Ok(())
+}
+
+fn store_kind(url: &push_relay_config::StoreUrl) -> &'static str {
+    match url {
+        push_relay_config::StoreUrl::Sqlite(_) => "sqlite",
+        push_relay_config::StoreUrl::Postgres(_) => "postgres",
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,475 @@
+//! The PostgreSQL store, for deployments that want a server database or
+//! several relay processes sharing one queue.
+//!
+//! Claims use `FOR UPDATE SKIP LOCKED`, so concurrent claimers in any
+//! number of processes take disjoint batches without waiting on each other;
+//! the lease they set keeps a message from being claimed again until it was
+//! delivered, rescheduled, or its claimer died and the lease ran out.
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{NoTls, Row};
+
+use super::*;
+
+/// Advisory lock key that serialises migrations of processes starting together.
+const MIGRATION_LOCK: i64 = 0x7075_7368_7265_6c61; // "pushrela"
+
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl PostgresStore {
+    pub async fn open(url: &str, pool_size: usize) -> Result<PostgresStore> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .await
+            .map_err(pg)?;
+        let current: i64 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if current > migrations::POSTGRES.len() as i64 {
+            return Err(StoreError::Unavailable(format!(
+                "the database has schema version {current}, newer than this build's {}; use a newer push-relay",
+                migrations::POSTGRES.len()
+            )));
+        }
+        for (i, sql) in migrations::POSTGRES.iter().enumerate().skip(current as usize) {
+            tx.batch_execute(sql).await.map_err(pg)?;
+            tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&(i as i64 + 1)])
+                .await
+                .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL: {e}"))
+}
+
+fn corrupt(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+const REGISTRATION_COLUMNS: &str = "id, secret_hash, provider, token, instance, account, p256dh, private_key, auth, \
+     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures";
+
+fn registration_from_row(row: &Row) -> Result<Registration> {
+    let state: String = row.try_get(11).map_err(corrupt)?;
+    Ok(Registration {
+        id: row.try_get(0).map_err(corrupt)?,
+        secret_hash: row.try_get(1).map_err(corrupt)?,
+        provider: row.try_get(2).map_err(corrupt)?,
+        token: row.try_get(3).map_err(corrupt)?,
+        instance: row.try_get(4).map_err(corrupt)?,
+        account: row.try_get(5).map_err(corrupt)?,
+        p256dh: row.try_get(6).map_err(corrupt)?,
+        private_key: row.try_get(7).map_err(corrupt)?,
+        auth: row.try_get(8).map_err(corrupt)?,
+        server_key: row.try_get(9).map_err(corrupt)?,
+        allow_decrypt: row.try_get(10).map_err(corrupt)?,
+        state: RegistrationState::parse(&state)?,
+        created_at: row.try_get(12).map_err(corrupt)?,
+        last_seen_at: row.try_get(13).map_err(corrupt)?,
+        last_delivery_at: row.try_get(14).map_err(corrupt)?,
+        delivery_failures: row.try_get(15).map_err(corrupt)?,
+    })
+}
+
+const MESSAGE_COLUMNS: &str = "id, registration, created_at, expires_at, urgency, topic, content_kind, \
+     encoding, body, salt, dh, fields, attempts, next_attempt_at";
+
+fn message_from_row(row: &Row) -> Result<QueuedMessage> {
+    let kind: String = row.try_get(6).map_err(corrupt)?;
+    let urgency: String = row.try_get(4).map_err(corrupt)?;
+    let attempts: i32 = row.try_get(12).map_err(corrupt)?;
+    Ok(QueuedMessage {
+        id: row.try_get(0).map_err(corrupt)?,
+        registration: row.try_get(1).map_err(corrupt)?,
+        created_at: row.try_get(2).map_err(corrupt)?,
+        expires_at: row.try_get(3).map_err(corrupt)?,
+        urgency: parse_urgency(&urgency)?,
+        topic: row.try_get(5).map_err(corrupt)?,
+        content: content_from_columns(
+            &kind,
+            row.try_get(7).map_err(corrupt)?,
+            row.try_get(8).map_err(corrupt)?,
+            row.try_get(9).map_err(corrupt)?,
+            row.try_get(10).map_err(corrupt)?,
+            row.try_get(11).map_err(corrupt)?,
+        )?,
+        attempts: attempts.max(0) as u32,
+        next_attempt_at: row.try_get(13).map_err(corrupt)?,
+    })
+}
+
+async fn purge(client: &impl GenericClient, registration: &str) -> Result<()> {
+    for sql in [
+        "DELETE FROM queue WHERE registration = $1",
+        "DELETE FROM stored_bodies WHERE registration = $1",
+        "DELETE FROM receipts WHERE registration = $1",
+    ] {
+        client.execute(sql, &[&registration]).await.map_err(pg)?;
+    }
+    Ok(())
+}
+
+async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
+    match update {
+        Update::Delivered { message, registration, at } => {
+            client.execute("DELETE FROM queue WHERE id = $1", &[message]).await.map_err(pg)?;
+            client
+                .execute("UPDATE registrations SET last_delivery_at = $2 WHERE id = $1", &[registration, at])
+                .await
+                .map_err(pg)?;
+        }
+        Update::Retry { message, attempts, next_attempt_at } => {
+            let attempts = i32::try_from(*attempts).unwrap_or(i32::MAX);
+            client
+                .execute(
+                    "UPDATE queue SET attempts = $2, next_attempt_at = $3, lease_until = 0 WHERE id = $1",
+                    &[message, &attempts, next_attempt_at],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        Update::Drop { message, registration, failed } => {
+            client.execute("DELETE FROM queue WHERE id = $1", &[message]).await.map_err(pg)?;
+            if *failed {
+                client
+                    .execute(
+                        "UPDATE registrations SET delivery_failures = delivery_failures + 1 WHERE id = $1",
+                        &[registration],
+                    )
+                    .await
+                    .map_err(pg)?;
+            }
+        }
+        Update::Gone { registration } => {
+            client
+                .execute(
+                    "UPDATE registrations SET state = 'gone', delivery_failures = delivery_failures + 1 \
+                     WHERE id = $1 AND state <> 'deleted'",
+                    &[registration],
+                )
+                .await
+                .map_err(pg)?;
+            purge(client, registration).await?;
+        }
+        Update::AddReceipt(r) => {
+            let checks = i32::try_from(r.checks).unwrap_or(i32::MAX);
+            client
+                .execute(
+                    "INSERT INTO receipts (id, registration, provider, check_at, checks, lease_until) \
+                     VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+                    &[&r.id, &r.registration, &r.provider, &r.check_at, &checks],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        Update::ReceiptDone { id } => {
+            client.execute("DELETE FROM receipts WHERE id = $1", &[id]).await.map_err(pg)?;
+        }
+        Update::ReceiptLater { id, check_at, checks } => {
+            let checks = i32::try_from(*checks).unwrap_or(i32::MAX);
+            client
+                .execute(
+                    "UPDATE receipts SET check_at = $2, checks = $3, lease_until = 0 WHERE id = $1",
+                    &[id, check_at, &checks],
+                )
+                .await
+                .map_err(pg)?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> Result<()> {
+        self.client().await?.simple_query("SELECT 1").await.map(|_| ()).map_err(pg)
+    }
+
+    async fn insert_registration(&self, r: &Registration) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"),
+                &[
+                    &r.id, &r.secret_hash, &r.provider, &r.token, &r.instance, &r.account, &r.p256dh, &r.private_key,
+                    &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.created_at, &r.last_seen_at,
+                    &r.last_delivery_at, &r.delivery_failures,
+                ],
+            )
+            .await
+            .map(|_| ())
+            .map_err(pg)
+    }
+
+    async fn registration(&self, id: &str) -> Result<Option<Registration>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE id = $1"))
+            .await
+            .map_err(pg)?;
+        let row = client.query_opt(&stmt, &[&id]).await.map_err(pg)?;
+        row.as_ref().map(registration_from_row).transpose()
+    }
+
+    async fn update_registration(&self, r: &Registration) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(
+            "UPDATE registrations SET token = $2, private_key = $3, auth = $4, server_key = $5, \
+             allow_decrypt = $6, state = $7, last_seen_at = $8 WHERE id = $1",
+            &[&r.id, &r.token, &r.private_key, &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.last_seen_at],
+        )
+        .await
+        .map_err(pg)?;
+        if matches!(r.state, RegistrationState::Deleted | RegistrationState::Gone) {
+            purge(&tx, &r.id).await?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        if let Some(topic) = &m.topic {
+            tx.execute(
+                "DELETE FROM queue WHERE registration = $1 AND topic = $2 AND lease_until <= $3",
+                &[&m.registration, topic, &m.created_at],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        let (kind, encoding, body_bytes, salt, dh, fields) = content_columns(&m.content);
+        let attempts = i32::try_from(m.attempts).unwrap_or(i32::MAX);
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO queue (id, registration, created_at, expires_at, urgency, topic, content_kind, encoding, \
+                 body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0)",
+            )
+            .await
+            .map_err(pg)?;
+        tx.execute(
+            &insert,
+            &[
+                &m.id, &m.registration, &m.created_at, &m.expires_at, &m.urgency.as_str(), &m.topic, &kind, &encoding,
+                &body_bytes, &salt, &dh, &fields, &attempts, &m.next_attempt_at,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        if let Some(b) = body {
+            tx.execute(
+                "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&b.message_id, &b.registration, &b.encoding.as_str(), &b.body, &b.salt, &b.dh, &b.expires_at],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn claim(&self, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "WITH due AS ( \
+                     SELECT id FROM queue WHERE next_attempt_at <= $1 AND lease_until <= $1 \
+                     ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                 leased AS ( \
+                     UPDATE queue q SET lease_until = $3 FROM due WHERE q.id = due.id \
+                     RETURNING q.{}) \
+                 SELECT leased.*, r.provider, r.token, r.instance, r.account, r.state \
+                 FROM leased LEFT JOIN registrations r ON r.id = leased.registration",
+                MESSAGE_COLUMNS.replace(", ", ", q.")
+            ))
+            .await
+            .map_err(pg)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client.query(&stmt, &[&now, &limit, &lease_until]).await.map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let state: Option<String> = row.try_get(18).map_err(corrupt)?;
+                Ok(Claimed {
+                    message: message_from_row(row)?,
+                    provider: row.try_get::<_, Option<String>>(14).map_err(corrupt)?.unwrap_or_default(),
+                    token: row.try_get::<_, Option<String>>(15).map_err(corrupt)?.unwrap_or_default(),
+                    instance: row.try_get::<_, Option<String>>(16).map_err(corrupt)?.unwrap_or_default(),
+                    account: row.try_get(17).map_err(corrupt)?,
+                    state: match state {
+                        Some(s) => RegistrationState::parse(&s)?,
+                        None => RegistrationState::Deleted,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn apply(&self, updates: &[Update]) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        for update in updates {
+            apply_one(&tx, update).await?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn take_body(&self, registration: &str, message_id: &str, now: Millis) -> Result<Option<StoredBody>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "DELETE FROM stored_bodies WHERE id = $1 AND registration = $2 \
+                 RETURNING id, registration, encoding, body, salt, dh, expires_at",
+                &[&message_id, &registration],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else { return Ok(None) };
+        let expires_at: i64 = row.try_get(6).map_err(corrupt)?;
+        if expires_at <= now {
+            return Ok(None);
+        }
+        let encoding: String = row.try_get(2).map_err(corrupt)?;
+        Ok(Some(StoredBody {
+            message_id: row.try_get(0).map_err(corrupt)?,
+            registration: row.try_get(1).map_err(corrupt)?,
+            encoding: parse_encoding(Some(&encoding))?,
+            body: row.try_get(3).map_err(corrupt)?,
+            salt: row.try_get(4).map_err(corrupt)?,
+            dh: row.try_get(5).map_err(corrupt)?,
+            expires_at,
+        }))
+    }
+
+    async fn expire(&self, now: Millis) -> Result<u64> {
+        let client = self.client().await?;
+        let expired = client
+            .execute("DELETE FROM queue WHERE expires_at <= $1 AND lease_until <= $1", &[&now])
+            .await
+            .map_err(pg)?;
+        client.execute("DELETE FROM stored_bodies WHERE expires_at <= $1", &[&now]).await.map_err(pg)?;
+        Ok(expired)
+    }
+
+    async fn claim_receipts(&self, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<PendingReceipt>> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "WITH due AS ( \
+                     SELECT id FROM receipts WHERE check_at <= $1 AND lease_until <= $1 \
+                     ORDER BY check_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE receipts r SET lease_until = $3 FROM due WHERE r.id = due.id \
+                 RETURNING r.id, r.registration, r.provider, r.check_at, r.checks",
+                &[&now, &limit, &lease_until],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let checks: i32 = row.try_get(4).map_err(corrupt)?;
+                Ok(PendingReceipt {
+                    id: row.try_get(0).map_err(corrupt)?,
+                    registration: row.try_get(1).map_err(corrupt)?,
+                    provider: row.try_get(2).map_err(corrupt)?,
+                    check_at: row.try_get(3).map_err(corrupt)?,
+                    checks: checks.max(0) as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats> {
+        let client = self.client().await?;
+        let row = client.query_one("SELECT COUNT(*), MIN(created_at) FROM queue", &[]).await.map_err(pg)?;
+        let depth: i64 = row.try_get(0).map_err(corrupt)?;
+        Ok(QueueStats { depth: depth.max(0) as u64, oldest_created_at: row.try_get(1).map_err(corrupt)? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh database on the PostgreSQL server the test script provides
+    /// (`PUSH_RELAY_TEST_PG`, default `postgres://postgres@127.0.0.1:5432/test`).
+    /// Tests fail, never skip, when it is down.
+    async fn fresh() -> (PostgresStore, String) {
+        let admin = std::env::var("PUSH_RELAY_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+        let (client, conn) = tokio_postgres::connect(&admin, NoTls).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL at {admin} is needed for these tests ({e}); start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+        });
+        tokio::spawn(conn);
+        let name = format!("pr_unit_{:016x}", rand::random::<u64>());
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let mut config: tokio_postgres::Config = admin.parse().expect("admin url");
+        config.dbname(&name);
+        let url = format!(
+            "postgres://{}@{}:{}/{name}",
+            config.get_user().unwrap_or("postgres"),
+            match config.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "127.0.0.1".to_string(),
+            },
+            config.get_ports().first().copied().unwrap_or(5432)
+        );
+        (PostgresStore::open(&url, 4).await.expect("open store"), url)
+    }
+
+    #[tokio::test]
+    async fn suite() {
+        let (store, _) = fresh().await;
+        super::suite::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_claimers_take_disjoint_batches() {
+        let (store, url) = fresh().await;
+        super::suite::seed_many(&store, 200).await;
+        let other = PostgresStore::open(&url, 4).await.expect("second process");
+        let (a, b) = tokio::join!(super::suite::claim_all(&store), super::suite::claim_all(&other));
+        let mut all: Vec<String> = a.into_iter().chain(b).collect();
+        assert_eq!(all.len(), 200, "every message claimed");
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 200, "no message claimed twice");
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent() {
+        let (_store, url) = fresh().await;
+        let again = PostgresStore::open(&url, 1).await.expect("reopen");
+        let client = again.client().await.expect("client");
+        let version: i64 = client.query_one("SELECT MAX(version) FROM schema_version", &[]).await.expect("v").get(0);
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+}

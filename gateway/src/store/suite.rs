@@ -1,0 +1,302 @@
+//! One test suite for every store implementation: the SQLite store runs it
+//! in memory and on a file, the PostgreSQL store on a real server.
+
+use push_relay_providers::{Content, Encoding, Urgency};
+
+use super::*;
+
+pub fn registration(id: &str, state: RegistrationState) -> Registration {
+    Registration {
+        id: id.to_string(),
+        secret_hash: vec![7; 32],
+        provider: "expo".into(),
+        token: format!("ExponentPushToken[{id}]"),
+        instance: "mastodon.social".into(),
+        account: Some("@alice@mastodon.social".into()),
+        p256dh: vec![4; 65],
+        private_key: Some(vec![1; 32]),
+        auth: Some(vec![2; 16]),
+        server_key: Some(vec![4; 65]),
+        allow_decrypt: false,
+        state,
+        created_at: 1_000,
+        last_seen_at: 1_000,
+        last_delivery_at: None,
+        delivery_failures: 0,
+    }
+}
+
+pub fn message(id: &str, registration: &str, topic: Option<&str>, now: Millis) -> QueuedMessage {
+    QueuedMessage {
+        id: id.to_string(),
+        registration: registration.to_string(),
+        created_at: now,
+        expires_at: now + 60_000,
+        urgency: Urgency::High,
+        topic: topic.map(str::to_string),
+        content: Content::Opaque {
+            encoding: Encoding::Aesgcm,
+            body: vec![9; 100],
+            salt: Some(vec![3; 16]),
+            dh: Some(vec![4; 65]),
+        },
+        attempts: 0,
+        next_attempt_at: now,
+    }
+}
+
+fn ids(claimed: &[Claimed]) -> Vec<String> {
+    let mut ids: Vec<String> = claimed.iter().map(|c| c.message.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+pub async fn run(store: &dyn Store) {
+    store.ping().await.expect("ping");
+    registrations(store).await;
+    queue(store).await;
+    topics(store).await;
+    bodies(store).await;
+    gone_and_deleted(store).await;
+    receipts(store).await;
+    expiry(store).await;
+}
+
+async fn registrations(store: &dyn Store) {
+    assert!(store.registration("nope").await.expect("read").is_none());
+    let mut r = registration("reg-a", RegistrationState::Pending);
+    store.insert_registration(&r).await.expect("insert");
+    assert_eq!(store.registration("reg-a").await.expect("read"), Some(r.clone()));
+    assert!(store.insert_registration(&r).await.is_err(), "duplicate id refused");
+
+    r.state = RegistrationState::Active;
+    r.private_key = None;
+    r.auth = None;
+    r.server_key = Some(vec![4; 65]);
+    r.token = "ExponentPushToken[rotated]".into();
+    r.last_seen_at = 5_000;
+    store.update_registration(&r).await.expect("update");
+    let back = store.registration("reg-a").await.expect("read").expect("exists");
+    assert_eq!(back, r, "erased keys stay erased, new token kept");
+}
+
+async fn queue(store: &dyn Store) {
+    store.insert_registration(&registration("reg-q", RegistrationState::Active)).await.expect("insert");
+    let now = 100_000;
+    for i in 0..5 {
+        store.enqueue(&message(&format!("q{i}"), "reg-q", None, now + i), None).await.expect("enqueue");
+    }
+    // Not yet due.
+    store.enqueue(&message("q-later", "reg-q", None, now + 50_000), None).await.expect("enqueue");
+    assert_eq!(store.queue_stats().await.expect("stats").depth, 6);
+
+    let first = store.claim(now + 10, 3, now + 10_000).await.expect("claim");
+    assert_eq!(ids(&first), ["q0", "q1", "q2"]);
+    let c = first.iter().find(|c| c.message.id == "q0").expect("q0 claimed");
+    assert_eq!(c.token, "ExponentPushToken[reg-q]");
+    assert_eq!(c.provider, "expo");
+    assert_eq!(c.instance, "mastodon.social");
+    assert_eq!(c.state, RegistrationState::Active);
+    assert_eq!(c.message, message("q0", "reg-q", None, now));
+
+    // Leased messages are not claimed again; the rest are.
+    let second = store.claim(now + 10, 10, now + 10_000).await.expect("claim");
+    assert_eq!(ids(&second), ["q3", "q4"]);
+    assert!(store.claim(now + 10, 10, now + 10_000).await.expect("claim").is_empty());
+
+    // Deliver one, retry one, drop one.
+    store
+        .apply(&[
+            Update::Delivered { message: "q0".into(), registration: "reg-q".into(), at: now + 20 },
+            Update::Retry { message: "q1".into(), attempts: 1, next_attempt_at: now + 1_000 },
+            Update::Drop { message: "q2".into(), registration: "reg-q".into(), failed: true },
+        ])
+        .await
+        .expect("apply");
+    let r = store.registration("reg-q").await.expect("read").expect("exists");
+    assert_eq!(r.last_delivery_at, Some(now + 20));
+    assert_eq!(r.delivery_failures, 1);
+    assert!(store.claim(now + 500, 10, now + 10_000).await.expect("claim").is_empty(), "retry not due yet");
+    let retried = store.claim(now + 1_000, 10, now + 20_000).await.expect("claim");
+    assert_eq!(ids(&retried), ["q1"]);
+    assert_eq!(retried[0].message.attempts, 1);
+
+    // A lease that ran out (its claimer died) makes q3, q4 claimable again.
+    let reclaimed = store.claim(now + 10_001, 10, now + 30_000).await.expect("claim");
+    assert_eq!(ids(&reclaimed), ["q3", "q4"]);
+    store
+        .apply(&[
+            Update::Delivered { message: "q1".into(), registration: "reg-q".into(), at: now },
+            Update::Delivered { message: "q3".into(), registration: "reg-q".into(), at: now },
+            Update::Delivered { message: "q4".into(), registration: "reg-q".into(), at: now },
+        ])
+        .await
+        .expect("apply");
+    let stats = store.queue_stats().await.expect("stats");
+    assert_eq!(stats.depth, 1);
+    assert_eq!(stats.oldest_created_at, Some(now + 50_000));
+    let later = store.claim(now + 50_000, 10, now + 60_000).await.expect("claim");
+    assert_eq!(ids(&later), ["q-later"]);
+    store
+        .apply(&[Update::Drop { message: "q-later".into(), registration: "reg-q".into(), failed: false }])
+        .await
+        .expect("apply");
+    assert_eq!(store.queue_stats().await.expect("stats").depth, 0);
+}
+
+async fn topics(store: &dyn Store) {
+    store.insert_registration(&registration("reg-t", RegistrationState::Active)).await.expect("insert");
+    let now = 200_000;
+    store.enqueue(&message("t1", "reg-t", Some("timeline"), now), None).await.expect("enqueue");
+    store.enqueue(&message("t2", "reg-t", Some("other"), now), None).await.expect("enqueue");
+    store.enqueue(&message("t3", "reg-t", Some("timeline"), now + 1), None).await.expect("enqueue");
+    let claimed = store.claim(now + 1, 10, now + 5_000).await.expect("claim");
+    assert_eq!(ids(&claimed), ["t2", "t3"], "t3 replaced t1");
+    // A claimed (in flight) message is not replaced.
+    store.enqueue(&message("t4", "reg-t", Some("other"), now + 2), None).await.expect("enqueue");
+    let updates: Vec<Update> = ["t2", "t3"]
+        .iter()
+        .map(|id| Update::Delivered { message: id.to_string(), registration: "reg-t".into(), at: now })
+        .collect();
+    store.apply(&updates).await.expect("apply");
+    let claimed = store.claim(now + 2, 10, now + 5_000).await.expect("claim");
+    assert_eq!(ids(&claimed), ["t4"]);
+    store.apply(&[Update::Delivered { message: "t4".into(), registration: "reg-t".into(), at: now }]).await.expect("apply");
+}
+
+async fn bodies(store: &dyn Store) {
+    store.insert_registration(&registration("reg-b", RegistrationState::Active)).await.expect("insert");
+    let now = 300_000;
+    let mut m = message("b1", "reg-b", None, now);
+    m.content = Content::Fetch;
+    let body = StoredBody {
+        message_id: "b1".into(),
+        registration: "reg-b".into(),
+        encoding: Encoding::Aes128gcm,
+        body: vec![5; 3000],
+        salt: None,
+        dh: None,
+        expires_at: now + 60_000,
+    };
+    store.enqueue(&m, Some(&body)).await.expect("enqueue");
+    let claimed = store.claim(now, 10, now + 1_000).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].message.content, Content::Fetch);
+    store.apply(&[Update::Delivered { message: "b1".into(), registration: "reg-b".into(), at: now }]).await.expect("apply");
+    assert!(store.take_body("other-reg", "b1", now).await.expect("take").is_none(), "only its registration");
+    assert_eq!(store.take_body("reg-b", "b1", now).await.expect("take"), Some(body.clone()));
+    assert!(store.take_body("reg-b", "b1", now).await.expect("take").is_none(), "kept until fetched");
+
+    // Expired bodies are not served.
+    let mut late = body.clone();
+    late.message_id = "b2".into();
+    let mut m2 = m.clone();
+    m2.id = "b2".into();
+    store.enqueue(&m2, Some(&late)).await.expect("enqueue");
+    assert!(store.take_body("reg-b", "b2", now + 60_000).await.expect("take").is_none());
+    store.apply(&[Update::Drop { message: "b2".into(), registration: "reg-b".into(), failed: false }]).await.expect("apply");
+}
+
+async fn gone_and_deleted(store: &dyn Store) {
+    let now = 400_000;
+    store.insert_registration(&registration("reg-g", RegistrationState::Active)).await.expect("insert");
+    store.enqueue(&message("g1", "reg-g", None, now), None).await.expect("enqueue");
+    store.enqueue(&message("g2", "reg-g", None, now), None).await.expect("enqueue");
+    store.apply(&[Update::Gone { registration: "reg-g".into() }]).await.expect("apply");
+    let r = store.registration("reg-g").await.expect("read").expect("exists");
+    assert_eq!(r.state, RegistrationState::Gone);
+    assert!(store.claim(now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
+
+    let mut d = registration("reg-d", RegistrationState::Active);
+    store.insert_registration(&d).await.expect("insert");
+    store.enqueue(&message("d1", "reg-d", None, now), None).await.expect("enqueue");
+    d.state = RegistrationState::Deleted;
+    store.update_registration(&d).await.expect("delete");
+    assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
+    assert!(store.claim(now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
+    // Gone never overrides deleted.
+    store.apply(&[Update::Gone { registration: "reg-d".into() }]).await.expect("apply");
+    assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
+}
+
+async fn receipts(store: &dyn Store) {
+    let now = 500_000;
+    let receipt = |id: &str, at| PendingReceipt {
+        id: id.into(),
+        registration: "reg-q".into(),
+        provider: "expo".into(),
+        check_at: at,
+        checks: 0,
+    };
+    store
+        .apply(&[Update::AddReceipt(receipt("r1", now)), Update::AddReceipt(receipt("r2", now + 10_000))])
+        .await
+        .expect("apply");
+    let due = store.claim_receipts(now, 10, now + 1_000).await.expect("claim");
+    assert_eq!(due, vec![receipt("r1", now)]);
+    assert!(store.claim_receipts(now, 10, now + 1_000).await.expect("claim").is_empty(), "leased");
+    store.apply(&[Update::ReceiptLater { id: "r1".into(), check_at: now + 20_000, checks: 1 }]).await.expect("apply");
+    let due = store.claim_receipts(now + 20_000, 10, now + 21_000).await.expect("claim");
+    let mut got: Vec<(String, u32)> = due.iter().map(|r| (r.id.clone(), r.checks)).collect();
+    got.sort();
+    assert_eq!(got, [("r1".to_string(), 1), ("r2".to_string(), 0)]);
+    store
+        .apply(&[Update::ReceiptDone { id: "r1".into() }, Update::ReceiptDone { id: "r2".into() }])
+        .await
+        .expect("apply");
+    assert!(store.claim_receipts(now + 100_000, 10, now + 200_000).await.expect("claim").is_empty());
+}
+
+async fn expiry(store: &dyn Store) {
+    let now = 600_000;
+    store.insert_registration(&registration("reg-e", RegistrationState::Active)).await.expect("insert");
+    let mut short = message("e1", "reg-e", None, now);
+    short.expires_at = now + 100;
+    store.enqueue(&short, None).await.expect("enqueue");
+    store.enqueue(&message("e2", "reg-e", None, now), None).await.expect("enqueue");
+    assert_eq!(store.expire(now + 100).await.expect("expire"), 1);
+    let left = store.claim(now + 100, 10, now + 1_000).await.expect("claim");
+    assert_eq!(ids(&left), ["e2"]);
+    store.apply(&[Update::Delivered { message: "e2".into(), registration: "reg-e".into(), at: now }]).await.expect("apply");
+}
+
+/// Leaves one claimed message behind, as a process killed mid-delivery does.
+pub async fn seed_claimed(store: &dyn Store) {
+    let now = now_ms();
+    store.insert_registration(&registration("reg-c", RegistrationState::Active)).await.expect("insert");
+    store.enqueue(&message("c1", "reg-c", None, now), None).await.expect("enqueue");
+    assert_eq!(store.claim(now, 10, now + 3_600_000).await.expect("claim").len(), 1);
+}
+
+pub async fn check_reclaimable(store: &dyn Store) {
+    let now = now_ms();
+    let claimed = store.claim(now, 10, now + 1_000).await.expect("claim");
+    assert_eq!(ids(&claimed), ["c1"], "a restarted embedded store releases its leases");
+}
+
+pub async fn seed_many(store: &dyn Store, n: usize) {
+    store.insert_registration(&registration("reg-m", RegistrationState::Active)).await.expect("insert");
+    for i in 0..n {
+        store.enqueue(&message(&format!("m{i:04}"), "reg-m", None, 1_000), None).await.expect("enqueue");
+    }
+}
+
+/// Claims in small batches until nothing is left; returns the ids.
+pub async fn claim_all(store: &dyn Store) -> Vec<String> {
+    let mut all = Vec::new();
+    loop {
+        let batch = store.claim(10_000, 7, 1_000_000).await.expect("claim");
+        if batch.is_empty() {
+            return all;
+        }
+        all.extend(batch.into_iter().map(|c| c.message.id));
+        tokio::task::yield_now().await;
+    }
+}
+
+fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
