@@ -98,6 +98,15 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         .retry_after(retry_after_secs(refused.retry_after)));
     }
 
+    // Keep the instance's Unsubscribe-URL for the app (written only when it changes).
+    if let Some(url) = text(&headers, "unsubscribe-url").map(str::trim).filter(|u| !u.is_empty() && u.len() <= 2048) {
+        if registration.unsubscribe_url.as_deref() != Some(url) {
+            let mut updated = registration.clone();
+            updated.unsubscribe_url = Some(url.to_string());
+            app.store.update_registration(&updated).await?;
+        }
+    }
+
     let content = content(&app, &registration, encrypted);
     let now = now_ms();
     let message_id = keys::new_id();

@@ -126,6 +126,7 @@ fn view(r: &Registration) -> Value {
         "created_at": rfc3339(r.created_at),
         "last_delivery_at": r.last_delivery_at.map(rfc3339),
         "delivery_failures": r.delivery_failures,
+        "unsubscribe_url": r.unsubscribe_url,
         "state": match r.state {
             RegistrationState::Pending => "pending",
             RegistrationState::Active => "active",
@@ -187,6 +188,7 @@ pub async fn create(app: Arc<App>, headers: HeaderMap, client: Option<IpAddr>, b
         last_seen_at: now,
         last_delivery_at: None,
         delivery_failures: 0,
+        unsubscribe_url: None,
     };
     app.store.insert_registration(&registration).await?;
     app.metrics.registrations.with_label_values(&["created"]).inc();

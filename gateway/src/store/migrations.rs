@@ -23,7 +23,8 @@ CREATE TABLE registrations (
     created_at        INTEGER NOT NULL,
     last_seen_at      INTEGER NOT NULL,
     last_delivery_at  INTEGER,
-    delivery_failures INTEGER NOT NULL DEFAULT 0
+    delivery_failures INTEGER NOT NULL DEFAULT 0,
+    unsubscribe_url   TEXT
 );
 CREATE TABLE queue (
     id              TEXT PRIMARY KEY,
@@ -86,7 +87,8 @@ CREATE TABLE registrations (
     created_at        BIGINT NOT NULL,
     last_seen_at      BIGINT NOT NULL,
     last_delivery_at  BIGINT,
-    delivery_failures BIGINT NOT NULL DEFAULT 0
+    delivery_failures BIGINT NOT NULL DEFAULT 0,
+    unsubscribe_url   TEXT
 );
 CREATE TABLE queue (
     id              TEXT PRIMARY KEY,

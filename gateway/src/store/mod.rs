@@ -94,6 +94,8 @@ pub struct Registration {
     pub last_seen_at: Millis,
     pub last_delivery_at: Option<Millis>,
     pub delivery_failures: i64,
+    /// The last `Unsubscribe-URL` its instance sent (RFC 8030 draft header), kept for the app.
+    pub unsubscribe_url: Option<String>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -194,7 +196,7 @@ pub trait Store: Send + Sync {
     async fn insert_registration(&self, registration: &Registration) -> Result<()>;
     async fn registration(&self, id: &str) -> Result<Option<Registration>>;
     /// Writes every mutable field of the registration (token, keys,
-    /// server key, allow_decrypt, state, last_seen_at). When the new state
+    /// server key, allow_decrypt, state, last_seen_at, unsubscribe_url). When the new state
     /// is `Deleted` or `Gone`, the registration's queued messages, stored
     /// bodies and receipts are removed in the same transaction.
     async fn update_registration(&self, registration: &Registration) -> Result<()>;

@@ -75,7 +75,7 @@ fn corrupt(e: tokio_postgres::Error) -> StoreError {
 }
 
 const REGISTRATION_COLUMNS: &str = "id, secret_hash, provider, token, instance, account, p256dh, private_key, auth, \
-     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures";
+     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures, unsubscribe_url";
 
 fn registration_from_row(row: &Row) -> Result<Registration> {
     let state: String = row.try_get(11).map_err(corrupt)?;
@@ -96,6 +96,7 @@ fn registration_from_row(row: &Row) -> Result<Registration> {
         last_seen_at: row.try_get(13).map_err(corrupt)?,
         last_delivery_at: row.try_get(14).map_err(corrupt)?,
         delivery_failures: row.try_get(15).map_err(corrupt)?,
+        unsubscribe_url: row.try_get(16).map_err(corrupt)?,
     })
 }
 
@@ -217,11 +218,11 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client
             .execute(
-                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"),
+                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"),
                 &[
                     &r.id, &r.secret_hash, &r.provider, &r.token, &r.instance, &r.account, &r.p256dh, &r.private_key,
                     &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.created_at, &r.last_seen_at,
-                    &r.last_delivery_at, &r.delivery_failures,
+                    &r.last_delivery_at, &r.delivery_failures, &r.unsubscribe_url,
                 ],
             )
             .await
@@ -244,8 +245,8 @@ impl Store for PostgresStore {
         let tx = client.transaction().await.map_err(pg)?;
         tx.execute(
             "UPDATE registrations SET token = $2, private_key = $3, auth = $4, server_key = $5, \
-             allow_decrypt = $6, state = $7, last_seen_at = $8 WHERE id = $1",
-            &[&r.id, &r.token, &r.private_key, &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.last_seen_at],
+             allow_decrypt = $6, state = $7, last_seen_at = $8, unsubscribe_url = $9 WHERE id = $1",
+            &[&r.id, &r.token, &r.private_key, &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.last_seen_at, &r.unsubscribe_url],
         )
         .await
         .map_err(pg)?;

@@ -233,7 +233,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn WriteJob>>) {
 }
 
 const REGISTRATION_COLUMNS: &str = "id, secret_hash, provider, token, instance, account, p256dh, private_key, auth, \
-     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures";
+     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures, unsubscribe_url";
 
 fn registration_from_row(row: &Row<'_>) -> rusqlite::Result<(Registration, String)> {
     let state: String = row.get(11)?;
@@ -255,6 +255,7 @@ fn registration_from_row(row: &Row<'_>) -> rusqlite::Result<(Registration, Strin
             last_seen_at: row.get(13)?,
             last_delivery_at: row.get(14)?,
             delivery_failures: row.get(15)?,
+            unsubscribe_url: row.get(16)?,
         },
         state,
     ))
@@ -358,11 +359,11 @@ impl Store for SqliteStore {
         let r = r.clone();
         self.write(move |conn| {
             conn.execute(
-                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
+                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
                 params![
                     r.id, r.secret_hash, r.provider, r.token, r.instance, r.account, r.p256dh, r.private_key,
                     r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.created_at, r.last_seen_at,
-                    r.last_delivery_at, r.delivery_failures
+                    r.last_delivery_at, r.delivery_failures, r.unsubscribe_url
                 ],
             )
             .map(|_| ())
@@ -396,8 +397,8 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.execute(
                 "UPDATE registrations SET token = ?2, private_key = ?3, auth = ?4, server_key = ?5, \
-                 allow_decrypt = ?6, state = ?7, last_seen_at = ?8 WHERE id = ?1",
-                params![r.id, r.token, r.private_key, r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.last_seen_at],
+                 allow_decrypt = ?6, state = ?7, last_seen_at = ?8, unsubscribe_url = ?9 WHERE id = ?1",
+                params![r.id, r.token, r.private_key, r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.last_seen_at, r.unsubscribe_url],
             )
             .map_err(unavailable)?;
             if matches!(r.state, RegistrationState::Deleted | RegistrationState::Gone) {

@@ -23,6 +23,7 @@ pub fn registration(id: &str, state: RegistrationState) -> Registration {
         last_seen_at: 1_000,
         last_delivery_at: None,
         delivery_failures: 0,
+        unsubscribe_url: None,
     }
 }
 
@@ -75,6 +76,7 @@ async fn registrations(store: &dyn Store) {
     r.server_key = Some(vec![4; 65]);
     r.token = "ExponentPushToken[rotated]".into();
     r.last_seen_at = 5_000;
+    r.unsubscribe_url = Some("https://mastodon.social/unsubscribe/1".into());
     store.update_registration(&r).await.expect("update");
     let back = store.registration("reg-a").await.expect("read").expect("exists");
     assert_eq!(back, r, "erased keys stay erased, new token kept");
