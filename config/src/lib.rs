@@ -273,7 +273,7 @@ impl Default for Queue {
 /// `[limits]`: token-bucket rate limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// `per_instance`: all pushes into this process. Default
+    /// `per_instance`: pushes from one sending instance. Default
     /// `{ per_second = 50, burst = 200 }`.
     pub per_instance: Rate,
     /// `per_registration`: pushes to one registration. Default

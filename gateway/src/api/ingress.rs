@@ -32,10 +32,15 @@ fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// A body that was too large to read whole.
-pub struct TooLarge;
+/// Why a body could not be read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    TooLarge,
+    /// The connection broke mid-body: never queue a truncated message.
+    Unreadable,
+}
 
-pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Vec<u8>, TooLarge>) -> Result<Response, ApiError> {
+pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Vec<u8>, BodyError>) -> Result<Response, ApiError> {
     let registration = match app.store.registration(&id).await? {
         None => return Err(ApiError::not_found("no such registration")),
         Some(r) => r,
@@ -57,12 +62,18 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
             .retry_after(PENDING_RETRY_SECS))
         }
     }
-    let Ok(body) = body else {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is over {} bytes", webpush::MAX_BODY),
-        ));
+    let body = match body {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is over {} bytes", webpush::MAX_BODY),
+            ))
+        }
+        Err(BodyError::Unreadable) => {
+            return Err(ApiError::bad_request("unreadable_body", "the body could not be read to its end"))
+        }
     };
 
     // VAPID: 401 for anything unreadable or unverifiable, 403 for a valid

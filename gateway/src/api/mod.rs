@@ -58,8 +58,9 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response 
         .unwrap_or_default()
 }
 
-/// Reads a body up to `max` bytes; `Err` if it is longer (the rest is not read).
-async fn read_body<S, B>(stream: S, max: usize) -> Result<Vec<u8>, ingress::TooLarge>
+/// Reads a body up to `max` bytes; an error if it is longer (the rest is
+/// not read) or the connection broke before its end.
+async fn read_body<S, B>(stream: S, max: usize) -> Result<Vec<u8>, ingress::BodyError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -67,9 +68,9 @@ where
     let mut stream = std::pin::pin!(stream);
     let mut body = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let Ok(mut chunk) = chunk else { break };
+        let Ok(mut chunk) = chunk else { return Err(ingress::BodyError::Unreadable) };
         if body.len() + chunk.remaining() > max {
-            return Err(ingress::TooLarge);
+            return Err(ingress::BodyError::TooLarge);
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -81,19 +82,19 @@ where
     Ok(body)
 }
 
-fn body(max: usize) -> impl Filter<Extract = (Result<Vec<u8>, ingress::TooLarge>,), Error = Rejection> + Clone {
+fn body(max: usize) -> impl Filter<Extract = (Result<Vec<u8>, ingress::BodyError>,), Error = Rejection> + Clone {
     warp::body::stream().then(move |stream| read_body(stream, max))
 }
 
 fn api_body() -> impl Filter<Extract = (Vec<u8>,), Error = Rejection> + Clone {
-    body(MAX_API_BODY).and_then(|b: Result<Vec<u8>, ingress::TooLarge>| async move {
-        b.map_err(|_| warp::reject::custom(BodyTooLarge))
+    body(MAX_API_BODY).and_then(|b: Result<Vec<u8>, ingress::BodyError>| async move {
+        b.map_err(|e| warp::reject::custom(BadBody(e)))
     })
 }
 
 #[derive(Debug)]
-struct BodyTooLarge;
-impl warp::reject::Reject for BodyTooLarge {}
+struct BadBody(ingress::BodyError);
+impl warp::reject::Reject for BadBody {}
 
 fn respond(result: Result<Response, ApiError>) -> Result<Response, Infallible> {
     Ok(result.unwrap_or_else(ApiError::into_response))
@@ -214,8 +215,15 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
 
 /// Requests no route took: unknown paths, wrong methods, oversize API bodies.
 async fn rejection(rejection: Rejection) -> Result<Response, Infallible> {
-    let error = if rejection.find::<BodyTooLarge>().is_some() {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {MAX_API_BODY} bytes"))
+    let error = if let Some(BadBody(e)) = rejection.find::<BadBody>() {
+        match e {
+            ingress::BodyError::TooLarge => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body over {MAX_API_BODY} bytes"),
+            ),
+            ingress::BodyError::Unreadable => ApiError::bad_request("unreadable_body", "the request body could not be read"),
+        }
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
     } else if rejection.is_not_found() {
