@@ -12,8 +12,9 @@
 //! - Gone: the registration is marked gone; its endpoint answers 410.
 //! - Failed: removed and counted.
 //!
-//! Providers of one batch are called concurrently, so a slow or failing
-//! provider never holds up the others.
+//! Each provider has its own workers, which claim only that provider's
+//! messages: a slow or failing provider (an outage, bad credentials) never
+//! holds up the others.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +46,8 @@ pub struct Dispatcher {
     providers: HashMap<String, Arc<dyn Provider>>,
     metrics: Arc<Metrics>,
     queue: push_relay_config::Queue,
-    wake: Notify,
+    /// One wake-up per provider, signalled when a message for it is queued.
+    wake: HashMap<String, Notify>,
 }
 
 impl Dispatcher {
@@ -55,14 +57,17 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         queue: push_relay_config::Queue,
     ) -> Arc<Dispatcher> {
-        Arc::new(Dispatcher { store, providers, metrics, queue, wake: Notify::new() })
+        let wake = providers.keys().map(|name| (name.clone(), Notify::new())).collect();
+        Arc::new(Dispatcher { store, providers, metrics, queue, wake })
     }
 
     /// Starts the delivery workers, the receipt checker and housekeeping.
     pub fn spawn(self: &Arc<Self>) {
-        for _ in 0..self.queue.workers {
-            let me = self.clone();
-            tokio::spawn(async move { me.work().await });
+        for name in self.providers.keys() {
+            for _ in 0..self.queue.workers {
+                let (me, name) = (self.clone(), name.clone());
+                tokio::spawn(async move { me.work(&name).await });
+            }
         }
         let me = self.clone();
         tokio::spawn(async move { me.check_receipts().await });
@@ -70,72 +75,58 @@ impl Dispatcher {
         tokio::spawn(async move { me.housekeeping().await });
     }
 
-    /// Tells an idle worker that a message was queued.
-    pub fn wake(&self) {
-        self.wake.notify_one();
+    /// Tells an idle worker of `provider` that a message was queued.
+    pub fn wake(&self, provider: &str) {
+        if let Some(notify) = self.wake.get(provider) {
+            notify.notify_one();
+        }
     }
 
     fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.queue.poll_interval_ms)
     }
 
-    async fn work(&self) {
+    async fn work(&self, provider: &str) {
+        let Some(wake) = self.wake.get(provider) else { return };
         loop {
             let now = now_ms();
             let lease_until = now + i64::from(self.queue.lease_secs) * 1000;
-            match self.store.claim(now, self.queue.batch_size, lease_until).await {
+            match self.store.claim(provider, now, self.queue.batch_size, lease_until).await {
                 Ok(batch) if !batch.is_empty() => {
-                    self.deliver(batch).await;
+                    self.deliver(provider, batch).await;
                     // More may be due: go on without waiting.
                 }
                 Ok(_) => {
-                    let _ = tokio::time::timeout(self.poll_interval(), self.wake.notified()).await;
+                    let _ = tokio::time::timeout(self.poll_interval(), wake.notified()).await;
                 }
                 Err(e) => {
-                    tracing::warn!("cannot claim messages: {e}");
+                    tracing::warn!(provider, "cannot claim messages: {e}");
                     tokio::time::sleep(self.poll_interval()).await;
                 }
             }
         }
     }
 
-    /// Delivers a claimed batch and records the outcomes.
-    async fn deliver(&self, batch: Vec<Claimed>) {
+    /// Delivers a claimed batch of `name`'s messages and records the outcomes.
+    async fn deliver(&self, name: &str, batch: Vec<Claimed>) {
+        let Some(provider) = self.providers.get(name) else { return };
         let now = now_ms();
         let mut updates = Vec::with_capacity(batch.len());
-        let mut by_provider: HashMap<&str, Vec<&Claimed>> = HashMap::new();
+        let mut sendable = Vec::with_capacity(batch.len());
         for claimed in &batch {
             let m = &claimed.message;
-            let drop = |reason: &'static str, failed: bool| {
-                self.metrics.dropped.with_label_values(&[reason]).inc();
-                Update::Drop { message: m.id.clone(), registration: m.registration.clone(), failed }
-            };
-            if claimed.state != RegistrationState::Active {
-                updates.push(drop("inactive", false));
+            let reason = if claimed.state != RegistrationState::Active {
+                "inactive"
             } else if m.expires_at <= now {
-                updates.push(drop("expired", false));
-            } else if !self.providers.contains_key(&claimed.provider) {
-                tracing::warn!(registration = %m.registration, provider = %claimed.provider, "provider no longer configured; message dropped");
-                updates.push(drop("failed", true));
+                "expired"
             } else {
-                by_provider.entry(claimed.provider.as_str()).or_default().push(claimed);
-            }
+                sendable.push(claimed);
+                continue;
+            };
+            self.metrics.dropped.with_label_values(&[reason]).inc();
+            updates.push(Update::Drop { message: m.id.clone(), registration: m.registration.clone(), failed: false });
         }
-        let sends = by_provider.into_iter().map(|(name, claimed)| self.send_group(name, claimed));
-        for group in futures::future::join_all(sends).await {
-            updates.extend(group);
-        }
-        if let Err(e) = self.store.apply(&updates).await {
-            // The leases run out and the messages are tried again: delivery
-            // is at least once, never lost.
-            tracing::error!("cannot record delivery outcomes: {e}");
-        }
-    }
-
-    async fn send_group(&self, name: &str, claimed: Vec<&Claimed>) -> Vec<Update> {
-        let Some(provider) = self.providers.get(name) else { return Vec::new() };
-        let mut updates = Vec::with_capacity(claimed.len());
-        for chunk in claimed.chunks(provider.max_batch().max(1)) {
+        for chunk in sendable.chunks(provider.max_batch().max(1)) {
             let now = now_ms();
             let notifications: Vec<Notification> = chunk.iter().map(|c| notification(c, now)).collect();
             let outcomes = provider.send(&notifications).await;
@@ -144,7 +135,11 @@ impl Dispatcher {
                 self.record(name, provider.as_ref(), claimed, outcome, now, &mut updates);
             }
         }
-        updates
+        if let Err(e) = self.store.apply(&updates).await {
+            // The leases run out and the messages are tried again: delivery
+            // is at least once, never lost.
+            tracing::error!(provider = name, "cannot record delivery outcomes: {e}");
+        }
     }
 
     /// Turns one provider outcome into store updates and metrics.

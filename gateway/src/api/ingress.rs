@@ -161,6 +161,7 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         let message = QueuedMessage {
             id: message_id.clone(),
             registration: registration.id.clone(),
+            provider: registration.provider.clone(),
             created_at: now,
             expires_at: now + lifetime,
             urgency: notification.urgency,
@@ -170,7 +171,7 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
             next_attempt_at: now,
         };
         app.store.enqueue(&message, stored_body.as_ref()).await?;
-        app.dispatcher.wake();
+        app.dispatcher.wake(&registration.provider);
     }
 
     Ok(warp::http::Response::builder()

@@ -29,6 +29,7 @@ CREATE TABLE registrations (
 CREATE TABLE queue (
     id              TEXT PRIMARY KEY,
     registration    TEXT NOT NULL,
+    provider        TEXT NOT NULL,
     created_at      INTEGER NOT NULL,
     expires_at      INTEGER NOT NULL,
     urgency         TEXT NOT NULL,
@@ -43,7 +44,7 @@ CREATE TABLE queue (
     next_attempt_at INTEGER NOT NULL,
     lease_until     INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX queue_due ON queue (next_attempt_at);
+CREATE INDEX queue_due ON queue (provider, next_attempt_at);
 CREATE INDEX queue_registration_topic ON queue (registration, topic);
 CREATE INDEX queue_expires ON queue (expires_at);
 CREATE TABLE stored_bodies (
@@ -93,6 +94,7 @@ CREATE TABLE registrations (
 CREATE TABLE queue (
     id              TEXT PRIMARY KEY,
     registration    TEXT NOT NULL,
+    provider        TEXT NOT NULL,
     created_at      BIGINT NOT NULL,
     expires_at      BIGINT NOT NULL,
     urgency         TEXT NOT NULL,
@@ -107,7 +109,7 @@ CREATE TABLE queue (
     next_attempt_at BIGINT NOT NULL,
     lease_until     BIGINT NOT NULL DEFAULT 0
 );
-CREATE INDEX queue_due ON queue (next_attempt_at);
+CREATE INDEX queue_due ON queue (provider, next_attempt_at);
 CREATE INDEX queue_registration_topic ON queue (registration, topic);
 CREATE INDEX queue_expires ON queue (expires_at);
 CREATE TABLE stored_bodies (

@@ -116,6 +116,9 @@ impl std::fmt::Debug for Registration {
 pub struct QueuedMessage {
     pub id: String,
     pub registration: String,
+    /// The registration's provider: each provider's workers claim only
+    /// its messages, so one slow provider never holds up another.
+    pub provider: String,
     pub created_at: Millis,
     pub expires_at: Millis,
     pub urgency: Urgency,
@@ -206,8 +209,8 @@ pub trait Store: Send + Sync {
     /// for fetching when the content is [`Content::Fetch`].
     async fn enqueue(&self, message: &QueuedMessage, body: Option<&StoredBody>) -> Result<()>;
 
-    /// Leases up to `limit` messages due at `now` until `lease_until`.
-    async fn claim(&self, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>>;
+    /// Leases up to `limit` of `provider`'s messages due at `now` until `lease_until`.
+    async fn claim(&self, provider: &str, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>>;
 
     /// Applies dispatch results in one transaction.
     async fn apply(&self, updates: &[Update]) -> Result<()>;

@@ -101,7 +101,7 @@ fn registration_from_row(row: &Row) -> Result<Registration> {
 }
 
 const MESSAGE_COLUMNS: &str = "id, registration, created_at, expires_at, urgency, topic, content_kind, \
-     encoding, body, salt, dh, fields, attempts, next_attempt_at";
+     encoding, body, salt, dh, fields, attempts, next_attempt_at, provider";
 
 fn message_from_row(row: &Row) -> Result<QueuedMessage> {
     let kind: String = row.try_get(6).map_err(corrupt)?;
@@ -124,6 +124,7 @@ fn message_from_row(row: &Row) -> Result<QueuedMessage> {
         )?,
         attempts: attempts.max(0) as u32,
         next_attempt_at: row.try_get(13).map_err(corrupt)?,
+        provider: row.try_get(14).map_err(corrupt)?,
     })
 }
 
@@ -272,8 +273,8 @@ impl Store for PostgresStore {
         let insert = tx
             .prepare_cached(
                 "INSERT INTO queue (id, registration, created_at, expires_at, urgency, topic, content_kind, encoding, \
-                 body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0)",
+                 body, salt, dh, fields, attempts, next_attempt_at, lease_until, provider) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15)",
             )
             .await
             .map_err(pg)?;
@@ -281,7 +282,7 @@ impl Store for PostgresStore {
             &insert,
             &[
                 &m.id, &m.registration, &m.created_at, &m.expires_at, &m.urgency.as_str(), &m.topic, &kind, &encoding,
-                &body_bytes, &salt, &dh, &fields, &attempts, &m.next_attempt_at,
+                &body_bytes, &salt, &dh, &fields, &attempts, &m.next_attempt_at, &m.provider,
             ],
         )
         .await
@@ -298,30 +299,31 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg)
     }
 
-    async fn claim(&self, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>> {
+    async fn claim(&self, provider: &str, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
                 "WITH due AS ( \
-                     SELECT id FROM queue WHERE next_attempt_at <= $1 AND lease_until <= $1 \
+                     SELECT id FROM queue WHERE provider = $4 AND next_attempt_at <= $1 AND lease_until <= $1 \
                      ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
                  leased AS ( \
                      UPDATE queue q SET lease_until = $3 FROM due WHERE q.id = due.id \
                      RETURNING q.{}) \
-                 SELECT leased.*, r.provider, r.token, r.instance, r.account, r.state \
+                 SELECT leased.*, r.token, r.instance, r.account, r.state \
                  FROM leased LEFT JOIN registrations r ON r.id = leased.registration",
                 MESSAGE_COLUMNS.replace(", ", ", q.")
             ))
             .await
             .map_err(pg)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client.query(&stmt, &[&now, &limit, &lease_until]).await.map_err(pg)?;
+        let rows = client.query(&stmt, &[&now, &limit, &lease_until, &provider]).await.map_err(pg)?;
         rows.iter()
             .map(|row| {
                 let state: Option<String> = row.try_get(18).map_err(corrupt)?;
+                let message = message_from_row(row)?;
                 Ok(Claimed {
-                    message: message_from_row(row)?,
-                    provider: row.try_get::<_, Option<String>>(14).map_err(corrupt)?.unwrap_or_default(),
+                    provider: message.provider.clone(),
+                    message,
                     token: row.try_get::<_, Option<String>>(15).map_err(corrupt)?.unwrap_or_default(),
                     instance: row.try_get::<_, Option<String>>(16).map_err(corrupt)?.unwrap_or_default(),
                     account: row.try_get(17).map_err(corrupt)?,

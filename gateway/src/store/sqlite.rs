@@ -274,7 +274,7 @@ fn purge(conn: &Connection, registration: &str) -> Result<()> {
 }
 
 const MESSAGE_COLUMNS: &str = "q.id, q.registration, q.created_at, q.expires_at, q.urgency, q.topic, q.content_kind, \
-     q.encoding, q.body, q.salt, q.dh, q.fields, q.attempts, q.next_attempt_at";
+     q.encoding, q.body, q.salt, q.dh, q.fields, q.attempts, q.next_attempt_at, q.provider";
 
 fn message_from_row(row: &Row<'_>) -> Result<QueuedMessage> {
     let get = |e: rusqlite::Error| StoreError::Corrupt(e.to_string());
@@ -297,6 +297,7 @@ fn message_from_row(row: &Row<'_>) -> Result<QueuedMessage> {
         )?,
         attempts: row.get(12).map_err(get)?,
         next_attempt_at: row.get(13).map_err(get)?,
+        provider: row.get(14).map_err(get)?,
     })
 }
 
@@ -425,11 +426,11 @@ impl Store for SqliteStore {
             let (kind, encoding, body_bytes, salt, dh, fields) = content_columns(&m.content);
             conn.execute(
                 "INSERT INTO queue (id, registration, created_at, expires_at, urgency, topic, content_kind, encoding, \
-                 body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0)",
+                 body, salt, dh, fields, attempts, next_attempt_at, lease_until, provider) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)",
                 params![
                     m.id, m.registration, m.created_at, m.expires_at, m.urgency.as_str(), m.topic, kind, encoding,
-                    body_bytes, salt, dh, fields, m.attempts, m.next_attempt_at
+                    body_bytes, salt, dh, fields, m.attempts, m.next_attempt_at, m.provider
                 ],
             )
             .map_err(unavailable)?;
@@ -446,24 +447,26 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim(&self, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>> {
+    async fn claim(&self, provider: &str, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>> {
+        let provider = provider.to_string();
         self.write(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {MESSAGE_COLUMNS}, r.provider, r.token, r.instance, r.account, r.state \
+                    "SELECT {MESSAGE_COLUMNS}, r.token, r.instance, r.account, r.state \
                      FROM queue q LEFT JOIN registrations r ON r.id = q.registration \
-                     WHERE q.next_attempt_at <= ?1 AND q.lease_until <= ?1 ORDER BY q.next_attempt_at LIMIT ?2"
+                     WHERE q.provider = ?3 AND q.next_attempt_at <= ?1 AND q.lease_until <= ?1 \
+                     ORDER BY q.next_attempt_at LIMIT ?2"
                 ))
                 .map_err(unavailable)?;
-            let mut rows = stmt.query(params![now, limit as i64]).map_err(unavailable)?;
+            let mut rows = stmt.query(params![now, limit as i64, provider]).map_err(unavailable)?;
             let mut claimed = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let message = message_from_row(row)?;
                 let get = |e: rusqlite::Error| StoreError::Corrupt(e.to_string());
                 let state: Option<String> = row.get(18).map_err(get)?;
                 claimed.push(Claimed {
+                    provider: message.provider.clone(),
                     message,
-                    provider: row.get::<_, Option<String>>(14).map_err(get)?.unwrap_or_default(),
                     token: row.get::<_, Option<String>>(15).map_err(get)?.unwrap_or_default(),
                     instance: row.get::<_, Option<String>>(16).map_err(get)?.unwrap_or_default(),
                     account: row.get(17).map_err(get)?,

@@ -31,6 +31,7 @@ pub fn message(id: &str, registration: &str, topic: Option<&str>, now: Millis) -
     QueuedMessage {
         id: id.to_string(),
         registration: registration.to_string(),
+        provider: "expo".into(),
         created_at: now,
         expires_at: now + 60_000,
         urgency: Urgency::High,
@@ -92,7 +93,8 @@ async fn queue(store: &dyn Store) {
     store.enqueue(&message("q-later", "reg-q", None, now + 50_000), None).await.expect("enqueue");
     assert_eq!(store.queue_stats().await.expect("stats").depth, 6);
 
-    let first = store.claim(now + 10, 3, now + 10_000).await.expect("claim");
+    assert!(store.claim("other", now + 10, 10, now + 10_000).await.expect("claim").is_empty(), "per provider");
+    let first = store.claim("expo", now + 10, 3, now + 10_000).await.expect("claim");
     assert_eq!(ids(&first), ["q0", "q1", "q2"]);
     let c = first.iter().find(|c| c.message.id == "q0").expect("q0 claimed");
     assert_eq!(c.token, "ExponentPushToken[reg-q]");
@@ -102,9 +104,9 @@ async fn queue(store: &dyn Store) {
     assert_eq!(c.message, message("q0", "reg-q", None, now));
 
     // Leased messages are not claimed again; the rest are.
-    let second = store.claim(now + 10, 10, now + 10_000).await.expect("claim");
+    let second = store.claim("expo", now + 10, 10, now + 10_000).await.expect("claim");
     assert_eq!(ids(&second), ["q3", "q4"]);
-    assert!(store.claim(now + 10, 10, now + 10_000).await.expect("claim").is_empty());
+    assert!(store.claim("expo", now + 10, 10, now + 10_000).await.expect("claim").is_empty());
 
     // Deliver one, retry one, drop one.
     store
@@ -118,13 +120,13 @@ async fn queue(store: &dyn Store) {
     let r = store.registration("reg-q").await.expect("read").expect("exists");
     assert_eq!(r.last_delivery_at, Some(now + 20));
     assert_eq!(r.delivery_failures, 1);
-    assert!(store.claim(now + 500, 10, now + 10_000).await.expect("claim").is_empty(), "retry not due yet");
-    let retried = store.claim(now + 1_000, 10, now + 20_000).await.expect("claim");
+    assert!(store.claim("expo", now + 500, 10, now + 10_000).await.expect("claim").is_empty(), "retry not due yet");
+    let retried = store.claim("expo", now + 1_000, 10, now + 20_000).await.expect("claim");
     assert_eq!(ids(&retried), ["q1"]);
     assert_eq!(retried[0].message.attempts, 1);
 
     // A lease that ran out (its claimer died) makes q3, q4 claimable again.
-    let reclaimed = store.claim(now + 10_001, 10, now + 30_000).await.expect("claim");
+    let reclaimed = store.claim("expo", now + 10_001, 10, now + 30_000).await.expect("claim");
     assert_eq!(ids(&reclaimed), ["q3", "q4"]);
     store
         .apply(&[
@@ -137,7 +139,7 @@ async fn queue(store: &dyn Store) {
     let stats = store.queue_stats().await.expect("stats");
     assert_eq!(stats.depth, 1);
     assert_eq!(stats.oldest_created_at, Some(now + 50_000));
-    let later = store.claim(now + 50_000, 10, now + 60_000).await.expect("claim");
+    let later = store.claim("expo", now + 50_000, 10, now + 60_000).await.expect("claim");
     assert_eq!(ids(&later), ["q-later"]);
     store
         .apply(&[Update::Drop { message: "q-later".into(), registration: "reg-q".into(), failed: false }])
@@ -152,7 +154,7 @@ async fn topics(store: &dyn Store) {
     store.enqueue(&message("t1", "reg-t", Some("timeline"), now), None).await.expect("enqueue");
     store.enqueue(&message("t2", "reg-t", Some("other"), now), None).await.expect("enqueue");
     store.enqueue(&message("t3", "reg-t", Some("timeline"), now + 1), None).await.expect("enqueue");
-    let claimed = store.claim(now + 1, 10, now + 5_000).await.expect("claim");
+    let claimed = store.claim("expo", now + 1, 10, now + 5_000).await.expect("claim");
     assert_eq!(ids(&claimed), ["t2", "t3"], "t3 replaced t1");
     // A claimed (in flight) message is not replaced.
     store.enqueue(&message("t4", "reg-t", Some("other"), now + 2), None).await.expect("enqueue");
@@ -161,7 +163,7 @@ async fn topics(store: &dyn Store) {
         .map(|id| Update::Delivered { message: id.to_string(), registration: "reg-t".into(), at: now })
         .collect();
     store.apply(&updates).await.expect("apply");
-    let claimed = store.claim(now + 2, 10, now + 5_000).await.expect("claim");
+    let claimed = store.claim("expo", now + 2, 10, now + 5_000).await.expect("claim");
     assert_eq!(ids(&claimed), ["t4"]);
     store.apply(&[Update::Delivered { message: "t4".into(), registration: "reg-t".into(), at: now }]).await.expect("apply");
 }
@@ -181,7 +183,7 @@ async fn bodies(store: &dyn Store) {
         expires_at: now + 60_000,
     };
     store.enqueue(&m, Some(&body)).await.expect("enqueue");
-    let claimed = store.claim(now, 10, now + 1_000).await.expect("claim");
+    let claimed = store.claim("expo", now, 10, now + 1_000).await.expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].message.content, Content::Fetch);
     store.apply(&[Update::Delivered { message: "b1".into(), registration: "reg-b".into(), at: now }]).await.expect("apply");
@@ -207,7 +209,7 @@ async fn gone_and_deleted(store: &dyn Store) {
     store.apply(&[Update::Gone { registration: "reg-g".into() }]).await.expect("apply");
     let r = store.registration("reg-g").await.expect("read").expect("exists");
     assert_eq!(r.state, RegistrationState::Gone);
-    assert!(store.claim(now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
+    assert!(store.claim("expo", now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
 
     let mut d = registration("reg-d", RegistrationState::Active);
     store.insert_registration(&d).await.expect("insert");
@@ -215,7 +217,7 @@ async fn gone_and_deleted(store: &dyn Store) {
     d.state = RegistrationState::Deleted;
     store.update_registration(&d).await.expect("delete");
     assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
-    assert!(store.claim(now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
+    assert!(store.claim("expo", now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
     // Gone never overrides deleted.
     store.apply(&[Update::Gone { registration: "reg-d".into() }]).await.expect("apply");
     assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
@@ -257,7 +259,7 @@ async fn expiry(store: &dyn Store) {
     store.enqueue(&short, None).await.expect("enqueue");
     store.enqueue(&message("e2", "reg-e", None, now), None).await.expect("enqueue");
     assert_eq!(store.expire(now + 100).await.expect("expire"), 1);
-    let left = store.claim(now + 100, 10, now + 1_000).await.expect("claim");
+    let left = store.claim("expo", now + 100, 10, now + 1_000).await.expect("claim");
     assert_eq!(ids(&left), ["e2"]);
     store.apply(&[Update::Delivered { message: "e2".into(), registration: "reg-e".into(), at: now }]).await.expect("apply");
 }
@@ -267,12 +269,12 @@ pub async fn seed_claimed(store: &dyn Store) {
     let now = now_ms();
     store.insert_registration(&registration("reg-c", RegistrationState::Active)).await.expect("insert");
     store.enqueue(&message("c1", "reg-c", None, now), None).await.expect("enqueue");
-    assert_eq!(store.claim(now, 10, now + 3_600_000).await.expect("claim").len(), 1);
+    assert_eq!(store.claim("expo", now, 10, now + 3_600_000).await.expect("claim").len(), 1);
 }
 
 pub async fn check_reclaimable(store: &dyn Store) {
     let now = now_ms();
-    let claimed = store.claim(now, 10, now + 1_000).await.expect("claim");
+    let claimed = store.claim("expo", now, 10, now + 1_000).await.expect("claim");
     assert_eq!(ids(&claimed), ["c1"], "a restarted embedded store releases its leases");
 }
 
@@ -287,7 +289,7 @@ pub async fn seed_many(store: &dyn Store, n: usize) {
 pub async fn claim_all(store: &dyn Store) -> Vec<String> {
     let mut all = Vec::new();
     loop {
-        let batch = store.claim(10_000, 7, 1_000_000).await.expect("claim");
+        let batch = store.claim("expo", 10_000, 7, 1_000_000).await.expect("claim");
         if batch.is_empty() {
             return all;
         }
