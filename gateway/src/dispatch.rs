@@ -156,7 +156,8 @@ impl Dispatcher {
                 if let (Some(id), Some(delay)) = (receipt, provider.receipt_delay()) {
                     updates.push(Update::AddReceipt(PendingReceipt {
                         id: id.clone(),
-                        registration: m.registration.clone(),
+                            registration: m.registration.clone(),
+                        token: claimed.token.clone(),
                         provider: name.to_string(),
                         check_at: now + delay.as_millis() as Millis,
                         checks: 0,
@@ -180,7 +181,7 @@ impl Dispatcher {
                 tracing::info!(registration = %m.registration, provider = name, "device token is gone: {reason}");
                 self.metrics.registrations.with_label_values(&["gone"]).inc();
                 self.metrics.dropped.with_label_values(&["gone"]).inc();
-                updates.push(Update::Gone { registration: m.registration.clone() });
+                updates.push(Update::Gone { registration: m.registration.clone(), token: claimed.token.clone() });
             }
             Outcome::Failed { reason } => {
                 tracing::warn!(registration = %m.registration, provider = name, "delivery failed: {reason}");
@@ -201,6 +202,7 @@ impl Dispatcher {
                 Update::AddReceipt(PendingReceipt {
                     id: id.clone(),
                     registration: notification.registration.clone(),
+                    token: notification.token.clone(),
                     provider: provider_name.to_string(),
                     check_at: now_ms() + delay.as_millis() as Millis,
                     checks: 0,
@@ -210,7 +212,7 @@ impl Dispatcher {
             Outcome::Gone { reason } => {
                 tracing::info!(registration = %notification.registration, "device token is gone: {reason}");
                 self.metrics.registrations.with_label_values(&["gone"]).inc();
-                Some(Update::Gone { registration: notification.registration.clone() })
+                Some(Update::Gone { registration: notification.registration.clone(), token: notification.token.clone() })
             }
             Outcome::Retry { reason, .. } | Outcome::Failed { reason } => {
                 tracing::info!(registration = %notification.registration, "TTL 0 message not delivered: {reason}");
@@ -266,7 +268,7 @@ impl Dispatcher {
                     ReceiptOutcome::Gone { reason } => {
                         tracing::info!(registration = %r.registration, provider = %name, "device token is gone (receipt): {reason}");
                         self.metrics.registrations.with_label_values(&["gone"]).inc();
-                        updates.push(Update::Gone { registration: r.registration.clone() });
+                        updates.push(Update::Gone { registration: r.registration.clone(), token: r.token.clone() });
                         updates.push(Update::ReceiptDone { id: r.id });
                     }
                     ReceiptOutcome::Pending if r.checks + 1 >= RECEIPT_MAX_CHECKS => {

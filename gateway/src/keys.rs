@@ -63,6 +63,44 @@ impl Drop for DeviceKeys {
     }
 }
 
+/// Seals a pending registration's private key and auth secret under a key
+/// derived from its management secret (AES-256-GCM; the key is
+/// SHA-256 of a domain label and the secret, which is itself 32 random
+/// bytes, so no slower KDF is needed). Output: nonce ‖ ciphertext ‖ tag.
+pub fn seal(secret: &str, private_key: &[u8], auth: &[u8]) -> Option<Vec<u8>> {
+    let key = sealing_key(secret);
+    let mut nonce = [0u8; 12];
+    OsRng.fill_bytes(&mut nonce);
+    let mut plain = [private_key, auth].concat();
+    let mut tag = [0u8; 16];
+    let sealed = openssl::symm::encrypt_aead(openssl::symm::Cipher::aes_256_gcm(), &key, Some(&nonce), b"", &plain, &mut tag);
+    plain.iter_mut().for_each(|b| *b = 0);
+    let sealed = sealed.ok()?;
+    Some([&nonce[..], &sealed, &tag].concat())
+}
+
+/// Opens what [`seal`] sealed: `(private_key, auth)`, or `None` with the
+/// wrong secret or a damaged blob.
+pub fn unseal(secret: &str, blob: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    if blob.len() != 12 + 32 + 16 + 16 {
+        return None;
+    }
+    let (nonce, rest) = blob.split_at(12);
+    let (ciphertext, tag) = rest.split_at(rest.len() - 16);
+    let key = sealing_key(secret);
+    let mut plain =
+        openssl::symm::decrypt_aead(openssl::symm::Cipher::aes_256_gcm(), &key, Some(nonce), b"", ciphertext, tag).ok()?;
+    let auth = plain.split_off(32);
+    Some((plain, auth))
+}
+
+fn sealing_key(secret: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"push-relay sealed keys v1\0");
+    hasher.update(secret.as_bytes());
+    hasher.finalize().into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +116,22 @@ mod tests {
         assert!(secret_matches(&secret, &hash));
         assert!(!secret_matches("wrong", &hash));
         assert!(!secret_matches(&secret, &hash[..31]));
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_the_secret() {
+        let keys = DeviceKeys::generate();
+        let secret = new_secret();
+        let blob = seal(&secret, &keys.private_key, &keys.auth).unwrap();
+        assert!(blob.windows(32).all(|w| w != keys.private_key.as_slice()));
+        assert_eq!(unseal(&secret, &blob), Some((keys.private_key.clone(), keys.auth.clone())));
+        assert_eq!(unseal(&new_secret(), &blob), None);
+        let mut damaged = blob.clone();
+        damaged[20] ^= 1;
+        assert_eq!(unseal(&secret, &damaged), None);
+        assert_eq!(unseal(&secret, &blob[1..]), None);
+        // The stored hash of the secret is not the sealing key.
+        assert_ne!(hash_secret(&secret), sealing_key(&secret).to_vec());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use push_relay_providers::{Content, Notification};
+use push_relay_providers::{Content, Notification, Provider};
 use warp::http::{header, HeaderMap, StatusCode};
 use warp::reply::Response;
 
@@ -112,9 +112,7 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
     // Keep the instance's Unsubscribe-URL for the app (written only when it changes).
     if let Some(url) = text(&headers, "unsubscribe-url").map(str::trim).filter(|u| !u.is_empty() && u.len() <= 2048) {
         if registration.unsubscribe_url.as_deref() != Some(url) {
-            let mut updated = registration.clone();
-            updated.unsubscribe_url = Some(url.to_string());
-            app.store.update_registration(&updated).await?;
+            app.store.set_unsubscribe_url(&registration.id, url).await?;
         }
     }
 
@@ -134,8 +132,13 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
     };
     // Opaque bodies too large for the provider are stored for the app to
     // fetch, and the notification only says so (SPEC §5, large bodies).
+    let provider = app.providers.get(&registration.provider);
     let needs_fetch = matches!(notification.content, Content::Opaque { .. })
-        && app.providers.get(&registration.provider).is_some_and(|p| !p.fits(&notification));
+        && provider.is_some_and(|p| !p.fits(&notification));
+    // Decrypted text too long for the provider is shortened, not lost.
+    if let Some(provider) = provider {
+        shorten_to_fit(provider.as_ref(), &mut notification);
+    }
     let lifetime = if ttl == 0 { TTL0_FETCH_MS } else { i64::from(ttl) * 1000 };
     let mut stored_body = None;
     if needs_fetch {
@@ -183,6 +186,55 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         .header("ttl", ttl)
         .body(Vec::new().into())
         .unwrap_or_default())
+}
+
+/// Shortens a decrypted notification's body, then its title, to the
+/// longest prefix (ending in "…") the provider takes.
+fn shorten_to_fit(provider: &dyn Provider, notification: &mut Notification) {
+    for field in [Field::Body, Field::Title] {
+        if provider.fits(notification) {
+            return;
+        }
+        let Some(text) = field.get(notification) else { return };
+        let original: Vec<char> = text.chars().collect();
+        // Binary search for the longest prefix that fits.
+        let (mut fits, mut too_long) = (0usize, original.len());
+        while too_long - fits > 1 {
+            let mid = (fits + too_long) / 2;
+            field.set(notification, original[..mid].iter().collect::<String>() + "…");
+            if provider.fits(notification) {
+                fits = mid;
+            } else {
+                too_long = mid;
+            }
+        }
+        let shortened = if fits == 0 { String::new() } else { original[..fits].iter().collect::<String>() + "…" };
+        field.set(notification, shortened);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Field {
+    Title,
+    Body,
+}
+
+impl Field {
+    fn get(self, n: &Notification) -> Option<&str> {
+        match (&n.content, self) {
+            (Content::Decrypted { title, .. }, Field::Title) => Some(title),
+            (Content::Decrypted { body, .. }, Field::Body) => Some(body),
+            _ => None,
+        }
+    }
+
+    fn set(self, n: &mut Notification, value: String) {
+        match (&mut n.content, self) {
+            (Content::Decrypted { title, .. }, Field::Title) => *title = value,
+            (Content::Decrypted { body, .. }, Field::Body) => *body = value,
+            _ => {}
+        }
+    }
 }
 
 /// What the device gets: the decrypted fields when the app allowed it and

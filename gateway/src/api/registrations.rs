@@ -170,7 +170,16 @@ pub async fn create(app: Arc<App>, headers: HeaderMap, client: Option<IpAddr>, b
     let confirmed = server_key.is_some();
     // Keep the private key and auth secret only while they may be needed:
     // until confirmation, or for good when decryption is allowed.
-    let keep_keys = !confirmed || allow_decrypt;
+    // Until confirmation they are sealed under the management secret, so a
+    // copy left in database files is useless once confirmation drops them.
+    let sealed_keys = if confirmed {
+        None
+    } else {
+        Some(keys::seal(&secret, &device.private_key, &device.auth).ok_or_else(|| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "cannot seal the registration keys")
+        })?)
+    };
+    let keep_keys = confirmed && allow_decrypt;
     let registration = Registration {
         id: keys::new_id(),
         secret_hash: keys::hash_secret(&secret),
@@ -189,6 +198,7 @@ pub async fn create(app: Arc<App>, headers: HeaderMap, client: Option<IpAddr>, b
         last_delivery_at: None,
         delivery_failures: 0,
         unsubscribe_url: None,
+        sealed_keys,
     };
     app.store.insert_registration(&registration).await?;
     app.metrics.registrations.with_label_values(&["created"]).inc();
@@ -215,7 +225,12 @@ pub async fn confirm(app: Arc<App>, id: String, headers: HeaderMap, body: Vec<u8
     let request: ConfirmRequest = parse_json(&body)?;
     let server_key = parse_server_key(&request.server_key)?;
     let allow_decrypt = request.allow_decrypt.unwrap_or(false);
-    if allow_decrypt && registration.private_key.is_none() {
+    let keys = match (&registration.sealed_keys, &registration.private_key, &registration.auth) {
+        (Some(sealed), _, _) => bearer(&headers).and_then(|secret| keys::unseal(secret, sealed)),
+        (None, Some(private_key), Some(auth)) => Some((private_key.clone(), auth.clone())),
+        _ => None,
+    };
+    if allow_decrypt && keys.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "keys_erased",
@@ -224,10 +239,11 @@ pub async fn confirm(app: Arc<App>, id: String, headers: HeaderMap, body: Vec<u8
     }
     registration.server_key = Some(server_key);
     registration.allow_decrypt = allow_decrypt;
-    if !allow_decrypt {
-        registration.private_key = None;
-        registration.auth = None;
-    }
+    registration.sealed_keys = None;
+    (registration.private_key, registration.auth) = match keys.filter(|_| allow_decrypt) {
+        Some((private_key, auth)) => (Some(private_key), Some(auth)),
+        None => (None, None),
+    };
     if registration.state == RegistrationState::Pending {
         registration.state = RegistrationState::Active;
     }
@@ -263,10 +279,8 @@ pub async fn patch(app: Arc<App>, id: String, headers: HeaderMap, body: Vec<u8>)
         }
         Some(false) => {
             registration.allow_decrypt = false;
-            if registration.server_key.is_some() {
-                registration.private_key = None;
-                registration.auth = None;
-            }
+            registration.private_key = None;
+            registration.auth = None;
         }
         _ => {}
     }
@@ -278,7 +292,7 @@ pub async fn patch(app: Arc<App>, id: String, headers: HeaderMap, body: Vec<u8>)
 pub async fn get(app: Arc<App>, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
     let mut registration = app.authorized(&id, &headers).await?;
     registration.last_seen_at = now_ms();
-    app.store.update_registration(&registration).await?;
+    app.store.touch_registration(&registration.id, registration.last_seen_at).await?;
     Ok(json_response(StatusCode::OK, &view(&registration)))
 }
 
@@ -288,6 +302,7 @@ pub async fn delete(app: Arc<App>, id: String, headers: HeaderMap) -> Result<Res
     registration.token = String::new();
     registration.private_key = None;
     registration.auth = None;
+    registration.sealed_keys = None;
     registration.last_seen_at = now_ms();
     app.store.update_registration(&registration).await?;
     app.metrics.registrations.with_label_values(&["deleted"]).inc();

@@ -24,7 +24,8 @@ CREATE TABLE registrations (
     last_seen_at      INTEGER NOT NULL,
     last_delivery_at  INTEGER,
     delivery_failures INTEGER NOT NULL DEFAULT 0,
-    unsubscribe_url   TEXT
+    unsubscribe_url   TEXT,
+    sealed_keys       BLOB
 );
 CREATE TABLE queue (
     id              TEXT PRIMARY KEY,
@@ -61,6 +62,7 @@ CREATE INDEX stored_bodies_expires ON stored_bodies (expires_at);
 CREATE TABLE receipts (
     id           TEXT PRIMARY KEY,
     registration TEXT NOT NULL,
+    token        TEXT NOT NULL,
     provider     TEXT NOT NULL,
     check_at     INTEGER NOT NULL,
     checks       INTEGER NOT NULL DEFAULT 0,
@@ -89,7 +91,8 @@ CREATE TABLE registrations (
     last_seen_at      BIGINT NOT NULL,
     last_delivery_at  BIGINT,
     delivery_failures BIGINT NOT NULL DEFAULT 0,
-    unsubscribe_url   TEXT
+    unsubscribe_url   TEXT,
+    sealed_keys       BYTEA
 );
 CREATE TABLE queue (
     id              TEXT PRIMARY KEY,
@@ -126,6 +129,7 @@ CREATE INDEX stored_bodies_expires ON stored_bodies (expires_at);
 CREATE TABLE receipts (
     id           TEXT PRIMARY KEY,
     registration TEXT NOT NULL,
+    token        TEXT NOT NULL,
     provider     TEXT NOT NULL,
     check_at     BIGINT NOT NULL,
     checks       INTEGER NOT NULL DEFAULT 0,

@@ -76,6 +76,12 @@ impl RegistrationState {
 /// uncompressed public key, `private_key` the 32-byte scalar and `auth` the
 /// 16-byte secret (both `None` once erased), `server_key` the instance's
 /// VAPID public key (65 bytes, uncompressed) once confirmed.
+///
+/// While a registration waits for confirmation, its private key and auth
+/// secret are kept only in `sealed_keys`, encrypted under a key derived
+/// from the management secret (which is stored only as a hash): confirming
+/// without decryption drops the blob, and any copy left in database files
+/// is useless without the secret the app holds.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Registration {
     pub id: String,
@@ -96,6 +102,7 @@ pub struct Registration {
     pub delivery_failures: i64,
     /// The last `Unsubscribe-URL` its instance sent (RFC 8030 draft header), kept for the app.
     pub unsubscribe_url: Option<String>,
+    pub sealed_keys: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -156,6 +163,9 @@ pub struct Claimed {
 pub struct PendingReceipt {
     pub id: String,
     pub registration: String,
+    /// The device token the message went to: a receipt saying it is dead
+    /// must not kill a registration whose token was rotated since.
+    pub token: String,
     pub provider: String,
     pub check_at: Millis,
     /// How many times it was checked and found not ready.
@@ -174,8 +184,9 @@ pub enum Update {
     /// is no longer active); `failed` counts a delivery failure.
     Drop { message: String, registration: String, failed: bool },
     /// The device token is dead: the registration is gone and its queued
-    /// messages are dropped.
-    Gone { registration: String },
+    /// messages are dropped — unless its token changed since (the app
+    /// rotated it), in which case nothing happens.
+    Gone { registration: String, token: String },
     /// Remember a receipt to check later.
     AddReceipt(PendingReceipt),
     /// A receipt was checked and needs nothing more.
@@ -203,6 +214,10 @@ pub trait Store: Send + Sync {
     /// is `Deleted` or `Gone`, the registration's queued messages, stored
     /// bodies and receipts are removed in the same transaction.
     async fn update_registration(&self, registration: &Registration) -> Result<()>;
+    /// Notes that the app was seen (`GET`), touching nothing else.
+    async fn touch_registration(&self, id: &str, at: Millis) -> Result<()>;
+    /// Keeps the instance's latest `Unsubscribe-URL`, touching nothing else.
+    async fn set_unsubscribe_url(&self, id: &str, url: &str) -> Result<()>;
 
     /// Queues a message durably. A message with a topic replaces a queued,
     /// unclaimed one of the same registration and topic. `body` is stored

@@ -75,7 +75,7 @@ fn corrupt(e: tokio_postgres::Error) -> StoreError {
 }
 
 const REGISTRATION_COLUMNS: &str = "id, secret_hash, provider, token, instance, account, p256dh, private_key, auth, \
-     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures, unsubscribe_url";
+     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures, unsubscribe_url, sealed_keys";
 
 fn registration_from_row(row: &Row) -> Result<Registration> {
     let state: String = row.try_get(11).map_err(corrupt)?;
@@ -97,6 +97,7 @@ fn registration_from_row(row: &Row) -> Result<Registration> {
         last_delivery_at: row.try_get(14).map_err(corrupt)?,
         delivery_failures: row.try_get(15).map_err(corrupt)?,
         unsubscribe_url: row.try_get(16).map_err(corrupt)?,
+        sealed_keys: row.try_get(17).map_err(corrupt)?,
     })
 }
 
@@ -170,24 +171,26 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
                     .map_err(pg)?;
             }
         }
-        Update::Gone { registration } => {
-            client
+        Update::Gone { registration, token } => {
+            let changed = client
                 .execute(
                     "UPDATE registrations SET state = 'gone', delivery_failures = delivery_failures + 1 \
-                     WHERE id = $1 AND state <> 'deleted'",
-                    &[registration],
+                     WHERE id = $1 AND token = $2 AND state <> 'deleted'",
+                    &[registration, token],
                 )
                 .await
                 .map_err(pg)?;
-            purge(client, registration).await?;
+            if changed > 0 {
+                purge(client, registration).await?;
+            }
         }
         Update::AddReceipt(r) => {
             let checks = i32::try_from(r.checks).unwrap_or(i32::MAX);
             client
                 .execute(
-                    "INSERT INTO receipts (id, registration, provider, check_at, checks, lease_until) \
-                     VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-                    &[&r.id, &r.registration, &r.provider, &r.check_at, &checks],
+                    "INSERT INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 0) ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+                    &[&r.id, &r.registration, &r.token, &r.provider, &r.check_at, &checks],
                 )
                 .await
                 .map_err(pg)?;
@@ -219,11 +222,11 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client
             .execute(
-                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"),
+                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"),
                 &[
                     &r.id, &r.secret_hash, &r.provider, &r.token, &r.instance, &r.account, &r.p256dh, &r.private_key,
                     &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.created_at, &r.last_seen_at,
-                    &r.last_delivery_at, &r.delivery_failures, &r.unsubscribe_url,
+                    &r.last_delivery_at, &r.delivery_failures, &r.unsubscribe_url, &r.sealed_keys,
                 ],
             )
             .await
@@ -246,8 +249,8 @@ impl Store for PostgresStore {
         let tx = client.transaction().await.map_err(pg)?;
         tx.execute(
             "UPDATE registrations SET token = $2, private_key = $3, auth = $4, server_key = $5, \
-             allow_decrypt = $6, state = $7, last_seen_at = $8, unsubscribe_url = $9 WHERE id = $1",
-            &[&r.id, &r.token, &r.private_key, &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.last_seen_at, &r.unsubscribe_url],
+             allow_decrypt = $6, state = $7, last_seen_at = $8, unsubscribe_url = $9, sealed_keys = $10 WHERE id = $1",
+            &[&r.id, &r.token, &r.private_key, &r.auth, &r.server_key, &r.allow_decrypt, &r.state.as_str(), &r.last_seen_at, &r.unsubscribe_url, &r.sealed_keys],
         )
         .await
         .map_err(pg)?;
@@ -255,6 +258,24 @@ impl Store for PostgresStore {
             purge(&tx, &r.id).await?;
         }
         tx.commit().await.map_err(pg)
+    }
+
+    async fn touch_registration(&self, id: &str, at: Millis) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE registrations SET last_seen_at = $2 WHERE id = $1", &[&id, &at])
+            .await
+            .map(|_| ())
+            .map_err(pg)
+    }
+
+    async fn set_unsubscribe_url(&self, id: &str, url: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE registrations SET unsubscribe_url = $2 WHERE id = $1", &[&id, &url])
+            .await
+            .map(|_| ())
+            .map_err(pg)
     }
 
     async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>) -> Result<()> {
@@ -391,19 +412,20 @@ impl Store for PostgresStore {
                      SELECT id FROM receipts WHERE check_at <= $1 AND lease_until <= $1 \
                      ORDER BY check_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  UPDATE receipts r SET lease_until = $3 FROM due WHERE r.id = due.id \
-                 RETURNING r.id, r.registration, r.provider, r.check_at, r.checks",
+                 RETURNING r.id, r.registration, r.token, r.provider, r.check_at, r.checks",
                 &[&now, &limit, &lease_until],
             )
             .await
             .map_err(pg)?;
         rows.iter()
             .map(|row| {
-                let checks: i32 = row.try_get(4).map_err(corrupt)?;
+                let checks: i32 = row.try_get(5).map_err(corrupt)?;
                 Ok(PendingReceipt {
                     id: row.try_get(0).map_err(corrupt)?,
                     registration: row.try_get(1).map_err(corrupt)?,
-                    provider: row.try_get(2).map_err(corrupt)?,
-                    check_at: row.try_get(3).map_err(corrupt)?,
+                    token: row.try_get(2).map_err(corrupt)?,
+                    provider: row.try_get(3).map_err(corrupt)?,
+                    check_at: row.try_get(4).map_err(corrupt)?,
                     checks: checks.max(0) as u32,
                 })
             })

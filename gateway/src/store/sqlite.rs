@@ -64,6 +64,21 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".into()))?
     }
 
+    /// After a private key was erased: old page images in the WAL still hold
+    /// it, so checkpoint and truncate the WAL (best effort: readers in
+    /// progress can postpone it to SQLite's next checkpoint).
+    async fn flush_erasure(&self) {
+        let done = self
+            .read(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0))
+                    .map_err(unavailable)
+            })
+            .await;
+        if !matches!(done, Ok(0)) {
+            tracing::debug!("WAL truncation after a key erasure postponed: {done:?}");
+        }
+    }
+
     /// Runs `f` on a reader connection (or, in memory, on the writer).
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
@@ -106,8 +121,12 @@ fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
     // WAL lets readers run beside the writer; synchronous=FULL makes every
-    // commit durable before the 201 is sent (group commit keeps it cheap).
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")
+    // commit durable before the 201 is sent (group commit keeps it cheap);
+    // secure_delete zeroes what rows leave behind, so erased keys do not
+    // linger in free space.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = OFF;",
+    )
         .map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
     Ok(conn)
@@ -233,7 +252,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn WriteJob>>) {
 }
 
 const REGISTRATION_COLUMNS: &str = "id, secret_hash, provider, token, instance, account, p256dh, private_key, auth, \
-     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures, unsubscribe_url";
+     server_key, allow_decrypt, state, created_at, last_seen_at, last_delivery_at, delivery_failures, unsubscribe_url, sealed_keys";
 
 fn registration_from_row(row: &Row<'_>) -> rusqlite::Result<(Registration, String)> {
     let state: String = row.get(11)?;
@@ -256,6 +275,7 @@ fn registration_from_row(row: &Row<'_>) -> rusqlite::Result<(Registration, Strin
             last_delivery_at: row.get(14)?,
             delivery_failures: row.get(15)?,
             unsubscribe_url: row.get(16)?,
+            sealed_keys: row.get(17)?,
         },
         state,
     ))
@@ -327,19 +347,20 @@ fn apply_one(conn: &Connection, update: &Update) -> Result<()> {
                 }
             })
         }
-        Update::Gone { registration } => {
-            conn.execute(
-                "UPDATE registrations SET state = 'gone', delivery_failures = delivery_failures + 1 \
-                 WHERE id = ?1 AND state <> 'deleted'",
-                params![registration],
-            )
-            .map_err(unavailable)?;
-            return purge(conn, registration);
+        Update::Gone { registration, token } => {
+            let changed = conn
+                .execute(
+                    "UPDATE registrations SET state = 'gone', delivery_failures = delivery_failures + 1 \
+                     WHERE id = ?1 AND token = ?2 AND state <> 'deleted'",
+                    params![registration, token],
+                )
+                .map_err(unavailable)?;
+            return if changed > 0 { purge(conn, registration) } else { Ok(()) };
         }
         Update::AddReceipt(r) => conn.execute(
-            "INSERT OR REPLACE INTO receipts (id, registration, provider, check_at, checks, lease_until) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 0)",
-            params![r.id, r.registration, r.provider, r.check_at, r.checks],
+            "INSERT OR REPLACE INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+            params![r.id, r.registration, r.token, r.provider, r.check_at, r.checks],
         ),
         Update::ReceiptDone { id } => conn.execute("DELETE FROM receipts WHERE id = ?1", params![id]),
         Update::ReceiptLater { id, check_at, checks } => conn.execute(
@@ -360,11 +381,11 @@ impl Store for SqliteStore {
         let r = r.clone();
         self.write(move |conn| {
             conn.execute(
-                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
+                &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
                 params![
                     r.id, r.secret_hash, r.provider, r.token, r.instance, r.account, r.p256dh, r.private_key,
                     r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.created_at, r.last_seen_at,
-                    r.last_delivery_at, r.delivery_failures, r.unsubscribe_url
+                    r.last_delivery_at, r.delivery_failures, r.unsubscribe_url, r.sealed_keys
                 ],
             )
             .map(|_| ())
@@ -395,17 +416,50 @@ impl Store for SqliteStore {
 
     async fn update_registration(&self, r: &Registration) -> Result<()> {
         let r = r.clone();
-        self.write(move |conn| {
+        let erased = self.write(move |conn| {
+            let had_keys: bool = conn
+                .query_row(
+                    "SELECT private_key IS NOT NULL OR auth IS NOT NULL FROM registrations WHERE id = ?1",
+                    params![r.id],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?
+                .unwrap_or(false);
             conn.execute(
                 "UPDATE registrations SET token = ?2, private_key = ?3, auth = ?4, server_key = ?5, \
-                 allow_decrypt = ?6, state = ?7, last_seen_at = ?8, unsubscribe_url = ?9 WHERE id = ?1",
-                params![r.id, r.token, r.private_key, r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.last_seen_at, r.unsubscribe_url],
+                 allow_decrypt = ?6, state = ?7, last_seen_at = ?8, unsubscribe_url = ?9, sealed_keys = ?10 WHERE id = ?1",
+                params![r.id, r.token, r.private_key, r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.last_seen_at, r.unsubscribe_url, r.sealed_keys],
             )
             .map_err(unavailable)?;
             if matches!(r.state, RegistrationState::Deleted | RegistrationState::Gone) {
                 purge(conn, &r.id)?;
             }
-            Ok(())
+            Ok(had_keys && r.private_key.is_none() && r.auth.is_none())
+        })
+        .await?;
+        if erased {
+            self.flush_erasure().await;
+        }
+        Ok(())
+    }
+
+    async fn touch_registration(&self, id: &str, at: Millis) -> Result<()> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            conn.execute("UPDATE registrations SET last_seen_at = ?2 WHERE id = ?1", params![id, at])
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn set_unsubscribe_url(&self, id: &str, url: &str) -> Result<()> {
+        let (id, url) = (id.to_string(), url.to_string());
+        self.write(move |conn| {
+            conn.execute("UPDATE registrations SET unsubscribe_url = ?2 WHERE id = ?1", params![id, url])
+                .map(|_| ())
+                .map_err(unavailable)
         })
         .await
     }
@@ -553,7 +607,7 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "UPDATE receipts SET lease_until = ?3 WHERE id IN \
                      (SELECT id FROM receipts WHERE check_at <= ?1 AND lease_until <= ?1 ORDER BY check_at LIMIT ?2) \
-                     RETURNING id, registration, provider, check_at, checks",
+                     RETURNING id, registration, token, provider, check_at, checks",
                 )
                 .map_err(unavailable)?;
             let rows = stmt
@@ -561,9 +615,10 @@ impl Store for SqliteStore {
                     Ok(PendingReceipt {
                         id: row.get(0)?,
                         registration: row.get(1)?,
-                        provider: row.get(2)?,
-                        check_at: row.get(3)?,
-                        checks: row.get(4)?,
+                        token: row.get(2)?,
+                        provider: row.get(3)?,
+                        check_at: row.get(4)?,
+                        checks: row.get(5)?,
                     })
                 })
                 .map_err(unavailable)?;

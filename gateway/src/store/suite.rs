@@ -24,6 +24,7 @@ pub fn registration(id: &str, state: RegistrationState) -> Registration {
         last_delivery_at: None,
         delivery_failures: 0,
         unsubscribe_url: None,
+        sealed_keys: Some(vec![8; 76]),
     }
 }
 
@@ -78,9 +79,17 @@ async fn registrations(store: &dyn Store) {
     r.token = "ExponentPushToken[rotated]".into();
     r.last_seen_at = 5_000;
     r.unsubscribe_url = Some("https://mastodon.social/unsubscribe/1".into());
+    r.sealed_keys = None;
     store.update_registration(&r).await.expect("update");
     let back = store.registration("reg-a").await.expect("read").expect("exists");
     assert_eq!(back, r, "erased keys stay erased, new token kept");
+
+    store.touch_registration("reg-a", 9_000).await.expect("touch");
+    store.set_unsubscribe_url("reg-a", "https://mastodon.social/unsubscribe/2").await.expect("set url");
+    let back = store.registration("reg-a").await.expect("read").expect("exists");
+    assert_eq!(back.last_seen_at, 9_000);
+    assert_eq!(back.unsubscribe_url.as_deref(), Some("https://mastodon.social/unsubscribe/2"));
+    assert_eq!(back.token, r.token, "nothing else touched");
 }
 
 async fn queue(store: &dyn Store) {
@@ -206,7 +215,15 @@ async fn gone_and_deleted(store: &dyn Store) {
     store.insert_registration(&registration("reg-g", RegistrationState::Active)).await.expect("insert");
     store.enqueue(&message("g1", "reg-g", None, now), None).await.expect("enqueue");
     store.enqueue(&message("g2", "reg-g", None, now), None).await.expect("enqueue");
-    store.apply(&[Update::Gone { registration: "reg-g".into() }]).await.expect("apply");
+    // A dead *old* token (rotated since) leaves the registration alone.
+    store
+        .apply(&[Update::Gone { registration: "reg-g".into(), token: "ExponentPushToken[old]".into() }])
+        .await
+        .expect("apply");
+    let r = store.registration("reg-g").await.expect("read").expect("exists");
+    assert_eq!(r.state, RegistrationState::Active);
+    assert_eq!(ids(&store.claim("expo", now, 10, now).await.expect("claim")), ["g1", "g2"], "queue kept");
+    store.apply(&[Update::Gone { registration: "reg-g".into(), token: "ExponentPushToken[reg-g]".into() }]).await.expect("apply");
     let r = store.registration("reg-g").await.expect("read").expect("exists");
     assert_eq!(r.state, RegistrationState::Gone);
     assert!(store.claim("expo", now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
@@ -219,7 +236,7 @@ async fn gone_and_deleted(store: &dyn Store) {
     assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
     assert!(store.claim("expo", now, 10, now + 1_000).await.expect("claim").is_empty(), "queue purged");
     // Gone never overrides deleted.
-    store.apply(&[Update::Gone { registration: "reg-d".into() }]).await.expect("apply");
+    store.apply(&[Update::Gone { registration: "reg-d".into(), token: String::new() }]).await.expect("apply");
     assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
 }
 
@@ -228,6 +245,7 @@ async fn receipts(store: &dyn Store) {
     let receipt = |id: &str, at| PendingReceipt {
         id: id.into(),
         registration: "reg-q".into(),
+        token: "ExponentPushToken[reg-q]".into(),
         provider: "expo".into(),
         check_at: at,
         checks: 0,
