@@ -43,10 +43,12 @@ use url::Url;
 
 mod error;
 mod expand;
+mod plugins;
 mod raw;
 mod resolve;
 
 pub use error::ConfigError;
+pub use plugins::{OnError, Plugin, PluginInstances, PluginLimits};
 
 use error::Source;
 use resolve::{base_dir_of, Env, Resolver};
@@ -122,6 +124,11 @@ pub struct Config {
     /// `[providers.NAME]`: the push services messages are delivered to, by
     /// name. Without a `[providers]` table: one Expo provider named `expo`.
     pub providers: BTreeMap<String, Provider>,
+    /// `[[plugins]]`: WebAssembly filter plugins, in the order they run.
+    /// Default: none.
+    pub plugins: Vec<Plugin>,
+    /// `[plugin_limits]`: defaults and maxima of the plugins' limits.
+    pub plugin_limits: PluginLimits,
 }
 
 impl Default for Config {
@@ -133,6 +140,8 @@ impl Default for Config {
             queue: Queue::default(),
             limits: Limits::default(),
             providers: default_providers(),
+            plugins: Vec::new(),
+            plugin_limits: PluginLimits::default(),
         }
     }
 }
@@ -343,21 +352,29 @@ impl Rate {
     }
 }
 
-/// `[providers.NAME]`: one push service, chosen by its `kind` key.
+/// `[providers.NAME]`: one push service, chosen by its `kind` key. Any
+/// number of providers of each kind may be configured (e.g. `ios-prod`,
+/// `ios-beta` and `android`), each with its own credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Provider {
     /// `kind = "expo"`: Expo's push service.
     Expo(Expo),
+    /// `kind = "apns"`: Apple Push Notification service, directly.
+    Apns(Apns),
+    /// `kind = "fcm"`: Firebase Cloud Messaging HTTP v1, directly.
+    Fcm(Fcm),
 }
 
 impl Provider {
     /// The `kind` values this build understands.
-    pub const KINDS: &'static [&'static str] = &["expo"];
+    pub const KINDS: &'static [&'static str] = &["expo", "apns", "fcm"];
 
     /// The `kind` this provider was configured with, e.g. `"expo"`.
     pub fn kind(&self) -> &'static str {
         match self {
             Provider::Expo(_) => "expo",
+            Provider::Apns(_) => "apns",
+            Provider::Fcm(_) => "fcm",
         }
     }
 }
@@ -396,6 +413,123 @@ impl Default for Expo {
             timeout_secs: 30,
         }
     }
+}
+
+/// `[providers.NAME]` with `kind = "apns"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apns {
+    /// How the relay authenticates to APNs: `key_file` + `key_id` +
+    /// `team_id` (token auth), or `cert_file` + `cert_key_file`
+    /// (certificate auth). Exactly one of the two.
+    pub auth: ApnsAuth,
+    /// `topic`: the app's bundle id, sent as `apns-topic`. Required.
+    pub topic: String,
+    /// `environment`: `"production"` (default) or `"sandbox"`.
+    pub environment: ApnsEnvironment,
+    /// `base_url`: APNs' API root. Default: the environment's
+    /// (`https://api.push.apple.com` or `https://api.sandbox.push.apple.com`);
+    /// when set, it overrides `environment`.
+    pub base_url: Url,
+    /// `ca_file`: an extra trusted CA certificate (PEM), read at load time;
+    /// for tests and TLS-intercepting proxies. Default: none.
+    pub ca_file: Option<PemFile>,
+    /// `placeholder_title`: the alert title in opaque mode, replaced by the
+    /// app's notification service extension. Default `"New notification"`.
+    pub placeholder_title: String,
+    /// `placeholder_body`: the alert body in opaque mode. Default `""`.
+    pub placeholder_body: String,
+    /// `sound`: `aps.sound`. Default `"default"`.
+    pub sound: String,
+    /// `timeout_secs`: HTTP timeout per request to APNs, at least 1.
+    /// Default 30.
+    pub timeout_secs: u64,
+}
+
+/// `providers.NAME.environment` of an APNs provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApnsEnvironment {
+    /// `"production"`: `https://api.push.apple.com`.
+    #[default]
+    Production,
+    /// `"sandbox"`: `https://api.sandbox.push.apple.com` (development builds).
+    Sandbox,
+}
+
+impl ApnsEnvironment {
+    /// The environment's API root.
+    pub fn base_url(self) -> Url {
+        match self {
+            ApnsEnvironment::Production => static_url("https://api.push.apple.com"),
+            ApnsEnvironment::Sandbox => static_url("https://api.sandbox.push.apple.com"),
+        }
+    }
+}
+
+/// How an APNs provider authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApnsAuth {
+    /// Token auth: an ES256 provider JWT signed with the `.p8` key.
+    Token {
+        /// `key_file`: the `.p8` key from Apple (PKCS#8 PEM, P-256).
+        key: PemFile,
+        /// `key_id`: the key's id (the JWT's `kid`), e.g. `"ABC123DEFG"`.
+        key_id: String,
+        /// `team_id`: the developer team id (the JWT's `iss`).
+        team_id: String,
+    },
+    /// Certificate auth: a TLS client certificate.
+    Certificate {
+        /// `cert_file`: the client certificate (PEM).
+        cert: PemFile,
+        /// `cert_key_file`: its private key (PEM).
+        key: PemFile,
+    },
+}
+
+/// A PEM file named by a `*_file` key, read at load time. The contents are
+/// a [`Secret`] since most such files hold private keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PemFile {
+    /// The path, resolved against the config file's directory.
+    pub path: PathBuf,
+    /// The file's contents.
+    pub contents: Secret,
+}
+
+/// `[providers.NAME]` with `kind = "fcm"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fcm {
+    /// `service_account_file`: the service account's JSON key (Firebase
+    /// console → Project settings → Service accounts). Required.
+    pub service_account: ServiceAccount,
+    /// `base_url`: FCM's API root. Default `https://fcm.googleapis.com`.
+    pub base_url: Url,
+    /// `placeholder_title`: in opaque mode (a data-only message, so that the
+    /// app can decrypt) sent as data `placeholder_title`, for the app to show
+    /// if it cannot decrypt. Default `"New notification"`.
+    pub placeholder_title: String,
+    /// `placeholder_body`: likewise, data `placeholder_body` (left out when
+    /// empty). Default `""`.
+    pub placeholder_body: String,
+    /// `timeout_secs`: HTTP timeout per request to FCM and to the token
+    /// endpoint, at least 1. Default 30.
+    pub timeout_secs: u64,
+}
+
+/// The fields push-relay uses of a Google service-account JSON key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccount {
+    /// The file it was read from, resolved against the config file's directory.
+    pub path: PathBuf,
+    /// `project_id`: the Firebase project messages are sent through.
+    pub project_id: String,
+    /// `client_email`: the service account (the OAuth2 assertion's `iss`).
+    pub client_email: String,
+    /// `private_key`: RSA private key (PEM) that signs the assertion.
+    pub private_key: Secret,
+    /// `token_uri`: the OAuth2 token endpoint. Default
+    /// `https://oauth2.googleapis.com/token` when the file has none.
+    pub token_uri: Url,
 }
 
 /// A secret string (token, key). `Debug` and `Display` print `***`, so it

@@ -6,6 +6,7 @@
 //! `resolve.rs` and use the spans kept here.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -28,6 +29,10 @@ pub(crate) struct RawConfig {
     /// "the default `expo` provider"), `Some(empty)` when it has one with
     /// nothing in it.
     pub providers: Option<Spanned<BTreeMap<Str, Spanned<RawProvider>>>>,
+    /// `[[plugins]]`, in order.
+    #[serde(default)]
+    pub plugins: Vec<Spanned<crate::plugins::RawPlugin>>,
+    pub plugin_limits: Option<Spanned<crate::plugins::RawPluginLimits>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,18 +86,64 @@ pub(crate) struct RawRate {
 ///
 /// This is the union of the keys of every provider kind: serde rejects keys
 /// no kind knows, and `resolve.rs` rejects keys that belong to another kind
-/// than the one named by `kind`. Adding a kind (APNs, FCM) means adding its
-/// keys here and a branch in `resolve_provider`.
+/// than the one named by `kind` (see [`RawProvider::set_keys`]). Adding a
+/// kind means adding its keys here and to `set_keys`, and a branch in
+/// `resolve_provider`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProvider {
     pub kind: Str,
-    // --- kind = "expo" ---
-    pub access_token: Option<Str>,
-    pub access_token_file: Option<Str>,
+    // --- several kinds ---
     pub base_url: Option<Str>,
     pub placeholder_title: Option<Str>,
     pub placeholder_body: Option<Str>,
-    pub receipt_delay_secs: Option<Spanned<u64>>,
     pub timeout_secs: Option<Spanned<u64>>,
+    // --- kind = "expo" ---
+    pub access_token: Option<Str>,
+    pub access_token_file: Option<Str>,
+    pub receipt_delay_secs: Option<Spanned<u64>>,
+    // --- kind = "apns" ---
+    pub key_file: Option<Str>,
+    pub key_id: Option<Str>,
+    pub team_id: Option<Str>,
+    pub cert_file: Option<Str>,
+    pub cert_key_file: Option<Str>,
+    pub topic: Option<Str>,
+    pub environment: Option<Str>,
+    pub ca_file: Option<Str>,
+    pub sound: Option<Str>,
+    // --- kind = "fcm" ---
+    pub service_account_file: Option<Str>,
+}
+
+impl RawProvider {
+    /// The keys present in the table (but `kind`), with their spans, in the
+    /// order they are declared above.
+    pub fn set_keys(&self) -> Vec<(&'static str, Range<usize>)> {
+        fn s<T>(name: &'static str, v: &Option<Spanned<T>>) -> Option<(&'static str, Range<usize>)> {
+            v.as_ref().map(|v| (name, v.span()))
+        }
+        [
+            s("base_url", &self.base_url),
+            s("placeholder_title", &self.placeholder_title),
+            s("placeholder_body", &self.placeholder_body),
+            s("timeout_secs", &self.timeout_secs),
+            s("access_token", &self.access_token),
+            s("access_token_file", &self.access_token_file),
+            s("receipt_delay_secs", &self.receipt_delay_secs),
+            s("key_file", &self.key_file),
+            s("key_id", &self.key_id),
+            s("team_id", &self.team_id),
+            s("cert_file", &self.cert_file),
+            s("cert_key_file", &self.cert_key_file),
+            s("topic", &self.topic),
+            s("environment", &self.environment),
+            s("ca_file", &self.ca_file),
+            s("sound", &self.sound),
+            s("service_account_file", &self.service_account_file),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }

@@ -15,8 +15,45 @@ use crate::error::{ConfigError, Source};
 use crate::expand::expand;
 use crate::raw::{RawConfig, RawLimits, RawProvider, RawQueue, RawRate, RawServer, RawStore, Str};
 use crate::{
-    Config, Expo, Limits, LogFormat, Provider, Queue, Rate, Secret, Server, Store, StoreUrl,
+    Apns, ApnsAuth, ApnsEnvironment, Config, Expo, Fcm, Limits, LogFormat, PemFile, Provider,
+    Queue, Rate, Secret, Server, ServiceAccount, Store, StoreUrl,
 };
+
+/// The keys each provider kind takes (besides `kind`).
+const EXPO_KEYS: &[&str] = &[
+    "access_token",
+    "access_token_file",
+    "base_url",
+    "placeholder_title",
+    "placeholder_body",
+    "receipt_delay_secs",
+    "timeout_secs",
+];
+const APNS_KEYS: &[&str] = &[
+    "key_file",
+    "key_id",
+    "team_id",
+    "cert_file",
+    "cert_key_file",
+    "topic",
+    "environment",
+    "base_url",
+    "ca_file",
+    "placeholder_title",
+    "placeholder_body",
+    "sound",
+    "timeout_secs",
+];
+const FCM_KEYS: &[&str] = &[
+    "service_account_file",
+    "base_url",
+    "placeholder_title",
+    "placeholder_body",
+    "timeout_secs",
+];
+
+/// Google's OAuth2 token endpoint, for service-account files without `token_uri`.
+const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 
 pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -84,6 +121,12 @@ impl Resolver<'_> {
                 None => crate::default_providers(),
                 Some(table) => self.providers(table)?,
             },
+            plugin_limits: crate::plugins::plugin_limits(self, raw.plugin_limits.as_ref())?,
+            plugins: crate::plugins::plugins(
+                self,
+                &raw.plugins,
+                &crate::plugins::plugin_limits(self, raw.plugin_limits.as_ref())?,
+            )?,
         })
     }
 
@@ -362,26 +405,297 @@ impl Resolver<'_> {
                     ),
                 ));
             }
-            let resolved = self.provider(name.get_ref(), provider.get_ref())?;
+            let resolved = self.provider(name.get_ref(), provider)?;
             out.insert(name.get_ref().clone(), resolved);
         }
         Ok(out)
     }
 
-    fn provider(&self, name: &str, raw: &RawProvider) -> Result<Provider> {
+    fn provider(&self, name: &str, table: &Spanned<RawProvider>) -> Result<Provider> {
+        let raw = table.get_ref();
         let key = |field: &str| format!("providers.{name}.{field}");
         let kind = self.string(&key("kind"), &raw.kind)?;
-        match kind.as_str() {
-            "expo" => Ok(Provider::Expo(self.expo(name, raw)?)),
-            other => Err(self.err(
-                raw.kind.span(),
-                &key("kind"),
+        let allowed = match kind.as_str() {
+            "expo" => EXPO_KEYS,
+            "apns" => APNS_KEYS,
+            "fcm" => FCM_KEYS,
+            other => {
+                return Err(self.err(
+                    raw.kind.span(),
+                    &key("kind"),
+                    format!(
+                        "unknown provider kind {other:?} (expected one of: {})",
+                        Provider::KINDS.join(", ")
+                    ),
+                ))
+            }
+        };
+        // Keys of another kind are mistakes (e.g. `topic` on an FCM provider).
+        if let Some((field, span)) = raw.set_keys().into_iter().find(|(k, _)| !allowed.contains(k)) {
+            return Err(self.err(
+                span,
+                &key(field),
                 format!(
-                    "unknown provider kind {other:?} (expected one of: {})",
-                    Provider::KINDS.join(", ")
+                    "`{field}` is not a key of kind {kind:?} (its keys: kind, {})",
+                    allowed.join(", ")
                 ),
-            )),
+            ));
         }
+        match kind.as_str() {
+            "apns" => Ok(Provider::Apns(self.apns(name, table)?)),
+            "fcm" => Ok(Provider::Fcm(self.fcm(name, table)?)),
+            _ => Ok(Provider::Expo(self.expo(name, raw)?)),
+        }
+    }
+
+    fn apns(&self, name: &str, table: &Spanned<RawProvider>) -> Result<Apns> {
+        let raw = table.get_ref();
+        let key = |field: &str| format!("providers.{name}.{field}");
+        let token_keys = [&raw.key_file, &raw.key_id, &raw.team_id];
+        let cert_keys = [&raw.cert_file, &raw.cert_key_file];
+        let uses_token = token_keys.iter().any(|k| k.is_some());
+        let uses_cert = cert_keys.iter().any(|k| k.is_some());
+        let auth = if uses_token && uses_cert {
+            let (field, v) = [("cert_file", &raw.cert_file), ("cert_key_file", &raw.cert_key_file)]
+                .into_iter()
+                .find_map(|(f, v)| v.as_ref().map(|v| (f, v)))
+                .ok_or_else(|| self.err(table.span(), &key("cert_file"), "internal: no cert key"))?;
+            return Err(self.err(
+                v.span(),
+                &key(field),
+                "set either token auth (key_file, key_id, team_id) or certificate auth \
+                 (cert_file, cert_key_file), not both",
+            ));
+        } else if uses_token {
+            let why = "token auth needs key_file, key_id and team_id \
+                       (the .p8 key from Apple, its Key ID and your Team ID)";
+            let required = |field: &str, v| self.required(table, &key(field), field, v, why);
+            let key_file = required("key_file", &raw.key_file)?;
+            let key_id = required("key_id", &raw.key_id)?;
+            let team_id = required("team_id", &raw.team_id)?;
+            ApnsAuth::Token {
+                key: self.pem_file(&key("key_file"), key_file)?,
+                key_id: self.apple_id(&key("key_id"), key_id, "the Key ID shown with the key, e.g. \"ABC123DEFG\"")?,
+                team_id: self.apple_id(&key("team_id"), team_id, "your Team ID, e.g. \"DEF123GHIJ\"")?,
+            }
+        } else if uses_cert {
+            let why = "certificate auth needs cert_file and cert_key_file \
+                       (the client certificate and its private key, PEM)";
+            let required = |field: &str, v| self.required(table, &key(field), field, v, why);
+            let cert_file = required("cert_file", &raw.cert_file)?;
+            let cert_key_file = required("cert_key_file", &raw.cert_key_file)?;
+            ApnsAuth::Certificate {
+                cert: self.pem_file(&key("cert_file"), cert_file)?,
+                key: self.pem_file(&key("cert_key_file"), cert_key_file)?,
+            }
+        } else {
+            return Err(self.err(
+                table.span(),
+                &key("key_file"),
+                "no APNs credentials: set key_file, key_id and team_id (token auth, with the .p8 key \
+                 from Apple) or cert_file and cert_key_file (certificate auth)",
+            ));
+        };
+        let topic = match &raw.topic {
+            None => {
+                return Err(self.err(
+                    table.span(),
+                    &key("topic"),
+                    "missing key `topic`: the app's bundle id, e.g. \"org.example.app\"",
+                ))
+            }
+            Some(v) => {
+                let t = self.string(&key("topic"), v)?;
+                if t.is_empty() || t.contains(char::is_whitespace) {
+                    return Err(self.err(
+                        v.span(),
+                        &key("topic"),
+                        format!("invalid topic {t:?} (expected the app's bundle id, e.g. \"org.example.app\")"),
+                    ));
+                }
+                t
+            }
+        };
+        let environment = match &raw.environment {
+            None => ApnsEnvironment::default(),
+            Some(v) => match self.string(&key("environment"), v)?.as_str() {
+                "production" => ApnsEnvironment::Production,
+                "sandbox" => ApnsEnvironment::Sandbox,
+                other => {
+                    return Err(self.err(
+                        v.span(),
+                        &key("environment"),
+                        format!("unknown APNs environment {other:?} (expected \"production\" or \"sandbox\")"),
+                    ))
+                }
+            },
+        };
+        let base_url = match &raw.base_url {
+            None => environment.base_url(),
+            Some(v) => self.http_url(&key("base_url"), v, "\"https://api.push.apple.com\"")?,
+        };
+        let ca_file = match &raw.ca_file {
+            None => None,
+            Some(v) => Some(self.pem_file(&key("ca_file"), v)?),
+        };
+        Ok(Apns {
+            auth,
+            topic,
+            environment,
+            base_url,
+            ca_file,
+            placeholder_title: self.opt_string(
+                &key("placeholder_title"),
+                raw.placeholder_title.as_ref(),
+                "New notification",
+            )?,
+            placeholder_body: self.opt_string(&key("placeholder_body"), raw.placeholder_body.as_ref(), "")?,
+            sound: self.opt_string(&key("sound"), raw.sound.as_ref(), "default")?,
+            timeout_secs: self.at_least(&key("timeout_secs"), raw.timeout_secs.as_ref(), 1, 30)?,
+        })
+    }
+
+    /// The value of a key the table must have, or an error at the table.
+    fn required<'v, T>(
+        &self,
+        table: &Spanned<T>,
+        key: &str,
+        field: &str,
+        value: &'v Option<Str>,
+        why: &str,
+    ) -> Result<&'v Str> {
+        value
+            .as_ref()
+            .ok_or_else(|| self.err(table.span(), key, format!("missing key `{field}`: {why}")))
+    }
+
+    /// An Apple key or team id: letters and digits.
+    fn apple_id(&self, key: &str, value: &Str, what: &str) -> Result<String> {
+        let s = self.string(key, value)?;
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(self.err(
+                value.span(),
+                key,
+                format!("invalid id {s:?} (expected {what})"),
+            ));
+        }
+        Ok(s)
+    }
+
+    fn fcm(&self, name: &str, table: &Spanned<RawProvider>) -> Result<Fcm> {
+        let raw = table.get_ref();
+        let key = |field: &str| format!("providers.{name}.{field}");
+        let Some(file) = &raw.service_account_file else {
+            return Err(self.err(
+                table.span(),
+                &key("service_account_file"),
+                "missing key `service_account_file`: the service account's JSON key \
+                 (Firebase console → Project settings → Service accounts → Generate new private key)",
+            ));
+        };
+        let service_account = self.service_account(&key("service_account_file"), file)?;
+        let base_url = match &raw.base_url {
+            None => crate::static_url("https://fcm.googleapis.com"),
+            Some(v) => self.http_url(&key("base_url"), v, "\"https://fcm.googleapis.com\"")?,
+        };
+        Ok(Fcm {
+            service_account,
+            base_url,
+            placeholder_title: self.opt_string(
+                &key("placeholder_title"),
+                raw.placeholder_title.as_ref(),
+                "New notification",
+            )?,
+            placeholder_body: self.opt_string(&key("placeholder_body"), raw.placeholder_body.as_ref(), "")?,
+            timeout_secs: self.at_least(&key("timeout_secs"), raw.timeout_secs.as_ref(), 1, 30)?,
+        })
+    }
+
+    /// Reads and checks a service-account JSON key.
+    fn service_account(&self, key: &str, value: &Str) -> Result<ServiceAccount> {
+        let (path, text) = self.read_file(key, value)?;
+        let shown = path.display();
+        let fail = |message: String| self.err(value.span(), key, message);
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| fail(format!("{shown} is not JSON ({e}); expected a service account's JSON key")))?;
+        let Some(object) = json.as_object() else {
+            return Err(fail(format!("{shown} is not a JSON object; expected a service account's JSON key")));
+        };
+        if object.contains_key("project_info") {
+            return Err(fail(format!(
+                "{shown} is the app's google-services.json, not a service-account key \
+                 (Firebase console → Project settings → Service accounts → Generate new private key)"
+            )));
+        }
+        if let Some(kind) = object.get("type").and_then(|t| t.as_str()) {
+            if kind != "service_account" {
+                return Err(fail(format!(
+                    "{shown} holds a {kind:?} credential, not a service-account key (\"type\": \"service_account\")"
+                )));
+            }
+        }
+        let field = |name: &str| {
+            object
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let missing: Vec<&str> = ["project_id", "client_email", "private_key"]
+            .into_iter()
+            .filter(|f| field(f).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Err(fail(format!(
+                "{shown} lacks {} (expected a service account's JSON key, with project_id, \
+                 client_email, private_key and token_uri)",
+                missing.join(", ")
+            )));
+        }
+        let token_uri = match field("token_uri") {
+            None => crate::static_url(GOOGLE_TOKEN_URI),
+            Some(uri) => match Url::parse(&uri) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => url,
+                _ => return Err(fail(format!("{shown}: token_uri {uri:?} is not an http(s) URL"))),
+            },
+        };
+        Ok(ServiceAccount {
+            project_id: field("project_id").unwrap_or_default(),
+            client_email: field("client_email").unwrap_or_default(),
+            private_key: Secret(field("private_key").unwrap_or_default()),
+            token_uri,
+            path,
+        })
+    }
+
+    /// Reads a PEM file (key or certificate) named by `value`.
+    fn pem_file(&self, key: &str, value: &Str) -> Result<PemFile> {
+        let (path, text) = self.read_file(key, value)?;
+        if !text.contains("-----BEGIN ") {
+            return Err(self.err(
+                value.span(),
+                key,
+                format!("{} is not a PEM file (expected a \"-----BEGIN ...\" block)", path.display()),
+            ));
+        }
+        Ok(PemFile { path, contents: Secret(text) })
+    }
+
+    /// Reads the non-empty file named by `value`, relative to the config
+    /// file's directory.
+    fn read_file(&self, key: &str, value: &Str) -> Result<(PathBuf, String)> {
+        let written = self.string(key, value)?;
+        if written.is_empty() {
+            return Err(self.err(value.span(), key, "must not be empty (expected a file path)"));
+        }
+        let path = self.base_dir.join(&written);
+        let contents = std::fs::read_to_string(&path)
+            .map_err(|e| self.err(value.span(), key, format!("cannot read {}: {e}", path.display())))?;
+        if contents.trim().is_empty() {
+            return Err(self.err(value.span(), key, format!("file {} is empty", path.display())));
+        }
+        Ok((path, contents))
     }
 
     fn expo(&self, name: &str, raw: &RawProvider) -> Result<Expo> {

@@ -143,7 +143,7 @@ fn example_parses_to_the_defaults_with_an_empty_environment() {
         c.server.registration_key.as_ref().map(Secret::expose),
         Some("reg-key")
     );
-    let Provider::Expo(expo) = &c.providers["expo"];
+    let Provider::Expo(expo) = &c.providers["expo"] else { panic!("not expo") };
     assert_eq!(
         expo.access_token.as_ref().map(Secret::expose),
         Some("expo-token")
@@ -231,7 +231,7 @@ kind = "expo"
         Limits::default().registrations_per_ip
     );
     assert_eq!(c.providers.keys().collect::<Vec<_>>(), ["b", "expo-prod"]);
-    let Provider::Expo(e) = &c.providers["expo-prod"];
+    let Provider::Expo(e) = &c.providers["expo-prod"] else { panic!("not expo") };
     assert_eq!(e.base_url.as_str(), "http://localhost:1234/");
     assert_eq!(
         (e.placeholder_title.as_str(), e.placeholder_body.as_str()),
@@ -489,12 +489,12 @@ fn other_ranges() {
 #[test]
 fn unknown_provider_kind() {
     let e = parse_err(
-        "[providers.ios]\nkind = \"apns\"\n",
+        "[providers.ios]\nkind = \"hms\"\n",
         2,
         "providers.ios.kind",
-        "unknown provider kind \"apns\"",
+        "unknown provider kind \"hms\"",
     );
-    assert!(e.to_string().contains("expected one of: expo"), "{e}");
+    assert!(e.to_string().contains("expected one of: expo, apns, fcm"), "{e}");
 }
 
 #[test]
@@ -540,7 +540,7 @@ fn env_expansion() {
     .unwrap();
     assert_eq!(c.server.listen.port(), 9999);
     assert_eq!(c.server.registration_key.unwrap().expose(), "tok-123");
-    let Provider::Expo(e) = &c.providers["expo"];
+    let Provider::Expo(e) = &c.providers["expo"] else { panic!("not expo") };
     assert_eq!(e.access_token.as_ref().unwrap().expose(), "tok-123");
     assert_eq!(e.placeholder_body, "costs $5 9999");
 }
@@ -622,7 +622,7 @@ fn access_token_file_read() {
     )
     .unwrap();
     let c = load(&config_path).unwrap();
-    let Provider::Expo(e) = &c.providers["expo"];
+    let Provider::Expo(e) = &c.providers["expo"] else { panic!("not expo") };
     assert_eq!(e.access_token.as_ref().unwrap().expose(), "tok-from-file");
     // Absolute path.
     let absolute = dir.path().join("expo.token");
@@ -630,7 +630,7 @@ fn access_token_file_read() {
         "[providers.expo]\nkind = \"expo\"\naccess_token_file = {:?}\n",
         absolute.to_str().unwrap()
     ));
-    let Provider::Expo(e) = &c.providers["expo"];
+    let Provider::Expo(e) = &c.providers["expo"] else { panic!("not expo") };
     assert_eq!(e.access_token.as_ref().unwrap().expose(), "tok-from-file");
     // An empty file is refused.
     std::fs::write(
@@ -704,4 +704,386 @@ fn never_panics_on_odd_input() {
             "{src:?}"
         );
     }
+}
+
+/// A temporary directory holding a config file's neighbours.
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(tempfile::tempdir().unwrap())
+    }
+
+    fn write(&self, name: &str, contents: &str) -> &Self {
+        std::fs::write(self.0.path().join(name), contents).unwrap();
+        self
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+
+    /// The config file's name in error messages, inside this directory.
+    fn origin(&self) -> String {
+        self.path("push-relay.toml").to_str().unwrap().to_owned()
+    }
+
+    fn parse(&self, source: &str) -> std::result::Result<Config, ConfigError> {
+        parse_with_env(source, &self.origin(), &no_env)
+    }
+
+    #[track_caller]
+    fn parse_ok(&self, source: &str) -> Config {
+        self.parse(source).unwrap_or_else(|e| panic!("unexpected error: {e}"))
+    }
+
+    /// Expects an error at `line` about `key` whose text contains every needle.
+    #[track_caller]
+    fn parse_err(&self, source: &str, line: usize, key: &str, needles: &[&str]) -> ConfigError {
+        let err = match self.parse(source) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        };
+        let shown = err.to_string();
+        assert!(shown.starts_with(&format!("{}:{line}:", self.origin())), "{shown}");
+        assert_eq!(err.key(), Some(key), "{shown}");
+        for needle in needles {
+            assert!(shown.contains(needle), "{shown:?} should contain {needle:?}");
+        }
+        err
+    }
+}
+
+const FAKE_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+const FAKE_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn service_account_json() -> String {
+    serde_json::json!({
+        "type": "service_account",
+        "project_id": "demo-project",
+        "private_key_id": "abc",
+        "private_key": FAKE_KEY,
+        "client_email": "relay@demo-project.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.example/token",
+    })
+    .to_string()
+}
+
+fn keys_dir() -> Dir {
+    let dir = Dir::new();
+    dir.write("AuthKey_ABC123DEFG.p8", FAKE_KEY)
+        .write("apns-cert.pem", FAKE_CERT)
+        .write("apns-key.pem", FAKE_KEY)
+        .write("test-ca.pem", FAKE_CERT)
+        .write("service-account.json", &service_account_json());
+    dir
+}
+
+#[test]
+fn example_apns_and_fcm_sections_parse_when_uncommented() {
+    let dir = keys_dir();
+    let example = example();
+    let start = example.find("# --- APNs").expect("the example has an APNs section");
+    let uncomment = |skip: &[&str]| {
+        let mut out = example[..start].to_owned();
+        for line in example[start..].lines() {
+            let is_setting = line.starts_with("# [providers.")
+                || line
+                    .strip_prefix("# ")
+                    .and_then(|rest| rest.split_once(" = "))
+                    .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            if is_setting && !skip.iter().any(|s| line.starts_with(&format!("# {s} ="))) {
+                out.push_str(&line[2..]);
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        out
+    };
+    // Token auth (the certificate keys stay commented out).
+    let c = dir.parse_ok(&uncomment(&["cert_file", "cert_key_file"]));
+    assert_eq!(c.providers.keys().collect::<Vec<_>>(), ["android", "expo", "ios"]);
+    let Provider::Apns(ios) = &c.providers["ios"] else { panic!("not apns") };
+    let ApnsAuth::Token { key, key_id, team_id } = &ios.auth else { panic!("not token auth") };
+    assert_eq!(key.path, dir.path("AuthKey_ABC123DEFG.p8"));
+    assert_eq!(key.contents.expose(), FAKE_KEY);
+    assert_eq!((key_id.as_str(), team_id.as_str()), ("ABC123DEFG", "DEF123GHIJ"));
+    assert_eq!(ios.topic, "org.example.app");
+    assert_eq!(ios.environment, ApnsEnvironment::Production);
+    assert_eq!(ios.base_url.as_str(), "https://api.push.apple.com/");
+    assert_eq!(ios.ca_file.as_ref().unwrap().path, dir.path("test-ca.pem"));
+    assert_eq!((ios.placeholder_title.as_str(), ios.placeholder_body.as_str()), ("New notification", ""));
+    assert_eq!((ios.sound.as_str(), ios.timeout_secs), ("default", 30));
+    let Provider::Fcm(android) = &c.providers["android"] else { panic!("not fcm") };
+    assert_eq!(android.service_account.path, dir.path("service-account.json"));
+    assert_eq!(android.service_account.project_id, "demo-project");
+    assert_eq!(android.service_account.client_email, "relay@demo-project.iam.gserviceaccount.com");
+    assert_eq!(android.service_account.private_key.expose(), FAKE_KEY.trim());
+    assert_eq!(android.service_account.token_uri.as_str(), "https://oauth2.example/token");
+    assert_eq!(android.base_url.as_str(), "https://fcm.googleapis.com/");
+    assert_eq!((android.placeholder_title.as_str(), android.timeout_secs), ("New notification", 30));
+    // Certificate auth (the token keys stay commented out).
+    let c = dir.parse_ok(&uncomment(&["key_file", "key_id", "team_id"]));
+    let Provider::Apns(ios) = &c.providers["ios"] else { panic!("not apns") };
+    let ApnsAuth::Certificate { cert, key } = &ios.auth else { panic!("not certificate auth") };
+    assert_eq!((cert.path.clone(), key.path.clone()), (dir.path("apns-cert.pem"), dir.path("apns-key.pem")));
+    // Both at once is refused.
+    let err = dir.parse(&uncomment(&[])).unwrap_err();
+    assert_eq!(err.key(), Some("providers.ios.cert_file"), "{err}");
+    assert!(err.to_string().contains("not both"), "{err}");
+}
+
+#[test]
+fn apns_keys() {
+    let dir = keys_dir();
+    let c = dir.parse_ok(
+        r#"
+[providers.ios-beta]
+kind = "apns"
+key_file = "AuthKey_ABC123DEFG.p8"
+key_id = "ABC123DEFG"
+team_id = "TEAM123456"
+topic = "org.example.app.beta"
+environment = "sandbox"
+placeholder_title = "Hi"
+placeholder_body = "New post"
+sound = "chime.caf"
+timeout_secs = 5
+
+[providers.ios-test]
+kind = "apns"
+cert_file = "apns-cert.pem"
+cert_key_file = "apns-key.pem"
+topic = "org.example.app"
+environment = "sandbox"
+base_url = "https://127.0.0.1:8443"
+ca_file = "test-ca.pem"
+"#,
+    );
+    let Provider::Apns(beta) = &c.providers["ios-beta"] else { panic!("not apns") };
+    assert_eq!(c.providers["ios-beta"].kind(), "apns");
+    assert_eq!(beta.environment, ApnsEnvironment::Sandbox);
+    assert_eq!(beta.base_url.as_str(), "https://api.sandbox.push.apple.com/");
+    assert_eq!(beta.ca_file, None);
+    assert_eq!(
+        (beta.placeholder_title.as_str(), beta.placeholder_body.as_str(), beta.sound.as_str(), beta.timeout_secs),
+        ("Hi", "New post", "chime.caf", 5)
+    );
+    assert!(!format!("{beta:?}").contains("BEGIN"), "key contents are redacted");
+    let Provider::Apns(test) = &c.providers["ios-test"] else { panic!("not apns") };
+    assert_eq!(test.base_url.as_str(), "https://127.0.0.1:8443/", "base_url overrides environment");
+    assert_eq!(test.ca_file.as_ref().unwrap().contents.expose(), FAKE_CERT);
+    assert!(matches!(test.auth, ApnsAuth::Certificate { .. }));
+}
+
+#[test]
+fn apns_errors() {
+    let dir = keys_dir();
+    let head = "[providers.ios]\nkind = \"apns\"\n";
+    let token = "key_file = \"AuthKey_ABC123DEFG.p8\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"TEAM123456\"\n";
+    // Unreadable key file: key, line, resolved path and the OS error.
+    let e = dir.parse_err(
+        &format!("{head}key_file = \"AuthKey_NOPE.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\ntopic = \"a.b\"\n"),
+        3,
+        "providers.ios.key_file",
+        &["cannot read", "os error", &dir.path("AuthKey_NOPE.p8").display().to_string()],
+    );
+    assert_eq!(e.column(), Some(12));
+    dir.write("not-pem.p8", "hello\n");
+    dir.parse_err(
+        &format!("{head}key_file = \"not-pem.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\ntopic = \"a.b\"\n"),
+        3,
+        "providers.ios.key_file",
+        &["is not a PEM file"],
+    );
+    dir.write("empty.p8", "\n");
+    dir.parse_err(
+        &format!("{head}key_file = \"empty.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\ntopic = \"a.b\"\n"),
+        3,
+        "providers.ios.key_file",
+        &["is empty"],
+    );
+    // Missing pieces.
+    dir.parse_err(
+        &format!("{head}key_file = \"AuthKey_ABC123DEFG.p8\"\nteam_id = \"T\"\ntopic = \"a.b\"\n"),
+        1,
+        "providers.ios.key_id",
+        &["missing key `key_id`"],
+    );
+    dir.parse_err(
+        &format!("{head}cert_file = \"apns-cert.pem\"\ntopic = \"a.b\"\n"),
+        1,
+        "providers.ios.cert_key_file",
+        &["missing key `cert_key_file`"],
+    );
+    dir.parse_err(&format!("{head}topic = \"a.b\"\n"), 1, "providers.ios.key_file", &["no APNs credentials"]);
+    dir.parse_err(&format!("{head}{token}"), 1, "providers.ios.topic", &["missing key `topic`", "bundle id"]);
+    // Both methods.
+    dir.parse_err(
+        &format!("{head}{token}cert_key_file = \"apns-key.pem\"\ntopic = \"a.b\"\n"),
+        6,
+        "providers.ios.cert_key_file",
+        &["not both"],
+    );
+    // Bad values.
+    dir.parse_err(
+        &format!("{head}{token}topic = \"a.b\"\nenvironment = \"development\"\n"),
+        7,
+        "providers.ios.environment",
+        &["\"production\" or \"sandbox\""],
+    );
+    dir.parse_err(
+        &format!("{head}key_file = \"AuthKey_ABC123DEFG.p8\"\nkey_id = \"ABC 123\"\nteam_id = \"T\"\ntopic = \"a.b\"\n"),
+        4,
+        "providers.ios.key_id",
+        &["invalid id"],
+    );
+    dir.parse_err(&format!("{head}{token}topic = \"\"\n"), 6, "providers.ios.topic", &["invalid topic"]);
+    dir.parse_err(
+        &format!("{head}{token}topic = \"a.b\"\nbase_url = \"api.push.apple.com\"\n"),
+        7,
+        "providers.ios.base_url",
+        &["invalid URL"],
+    );
+    dir.parse_err(
+        &format!("{head}{token}topic = \"a.b\"\ntimeout_secs = 0\n"),
+        7,
+        "providers.ios.timeout_secs",
+        &["at least 1"],
+    );
+    // A key of another kind.
+    dir.parse_err(
+        &format!("{head}{token}topic = \"a.b\"\naccess_token = \"x\"\n"),
+        7,
+        "providers.ios.access_token",
+        &["not a key of kind \"apns\"", "key_file"],
+    );
+}
+
+#[test]
+fn fcm_keys_and_errors() {
+    let dir = keys_dir();
+    let c = dir.parse_ok(
+        "[providers.android]\nkind = \"fcm\"\nservice_account_file = \"service-account.json\"\n\
+         base_url = \"http://127.0.0.1:9999/\"\nplaceholder_title = \"Hi\"\nplaceholder_body = \"x\"\ntimeout_secs = 3\n",
+    );
+    let Provider::Fcm(f) = &c.providers["android"] else { panic!("not fcm") };
+    assert_eq!(c.providers["android"].kind(), "fcm");
+    assert_eq!(f.base_url.as_str(), "http://127.0.0.1:9999/");
+    assert_eq!((f.placeholder_title.as_str(), f.placeholder_body.as_str(), f.timeout_secs), ("Hi", "x", 3));
+    assert!(!format!("{f:?}").contains("BEGIN"), "the private key is redacted");
+    // token_uri defaults to Google's.
+    let mut account: serde_json::Value = serde_json::from_str(&service_account_json()).unwrap();
+    account.as_object_mut().unwrap().remove("token_uri");
+    dir.write("no-uri.json", &account.to_string());
+    let c = dir.parse_ok("[providers.android]\nkind = \"fcm\"\nservice_account_file = \"no-uri.json\"\n");
+    let Provider::Fcm(f) = &c.providers["android"] else { panic!("not fcm") };
+    assert_eq!(f.service_account.token_uri.as_str(), "https://oauth2.googleapis.com/token");
+
+    let head = "[providers.android]\nkind = \"fcm\"\n";
+    dir.parse_err(head, 1, "providers.android.service_account_file", &["missing key `service_account_file`"]);
+    dir.parse_err(
+        &format!("{head}service_account_file = \"absent.json\"\n"),
+        3,
+        "providers.android.service_account_file",
+        &["cannot read", "os error", &dir.path("absent.json").display().to_string()],
+    );
+    dir.write("broken.json", "{\"project_id\": ");
+    dir.parse_err(
+        &format!("{head}service_account_file = \"broken.json\"\n"),
+        3,
+        "providers.android.service_account_file",
+        &["is not JSON"],
+    );
+    account.as_object_mut().unwrap().remove("private_key");
+    account.as_object_mut().unwrap().insert("client_email".into(), "".into());
+    dir.write("partial.json", &account.to_string());
+    dir.parse_err(
+        &format!("{head}service_account_file = \"partial.json\"\n"),
+        3,
+        "providers.android.service_account_file",
+        &["lacks client_email, private_key"],
+    );
+    dir.write("google-services.json", r#"{"project_info": {"project_id": "x"}, "client": []}"#);
+    dir.parse_err(
+        &format!("{head}service_account_file = \"google-services.json\"\n"),
+        3,
+        "providers.android.service_account_file",
+        &["google-services.json, not a service-account key"],
+    );
+    dir.write("user.json", r#"{"type": "authorized_user", "client_id": "x"}"#);
+    dir.parse_err(
+        &format!("{head}service_account_file = \"user.json\"\n"),
+        3,
+        "providers.android.service_account_file",
+        &["\"authorized_user\" credential"],
+    );
+    let mut bad_uri: serde_json::Value = serde_json::from_str(&service_account_json()).unwrap();
+    bad_uri["token_uri"] = "oauth2.googleapis.com/token".into();
+    dir.write("bad-uri.json", &bad_uri.to_string());
+    dir.parse_err(
+        &format!("{head}service_account_file = \"bad-uri.json\"\n"),
+        3,
+        "providers.android.service_account_file",
+        &["token_uri"],
+    );
+    dir.parse_err(
+        &format!("{head}service_account_file = \"service-account.json\"\ntopic = \"a.b\"\n"),
+        4,
+        "providers.android.topic",
+        &["not a key of kind \"fcm\""],
+    );
+    // And Expo refuses APNs keys.
+    dir.parse_err(
+        "[providers.expo]\nkind = \"expo\"\nsound = \"x\"\n",
+        3,
+        "providers.expo.sound",
+        &["not a key of kind \"expo\""],
+    );
+}
+
+#[test]
+fn several_providers_of_each_kind() {
+    let dir = keys_dir();
+    dir.write("other.p8", FAKE_KEY);
+    let c = dir.parse_ok(
+        r#"
+[providers.ios-prod]
+kind = "apns"
+key_file = "AuthKey_ABC123DEFG.p8"
+key_id = "ABC123DEFG"
+team_id = "TEAM123456"
+topic = "org.example.app"
+
+[providers.ios-beta]
+kind = "apns"
+key_file = "other.p8"
+key_id = "OTHERKEY12"
+team_id = "TEAM999999"
+topic = "org.example.beta"
+environment = "sandbox"
+
+[providers.android]
+kind = "fcm"
+service_account_file = "service-account.json"
+
+[providers.android-2]
+kind = "fcm"
+service_account_file = "service-account.json"
+
+[providers.expo]
+kind = "expo"
+"#,
+    );
+    let kinds: Vec<(&str, &str)> = c.providers.iter().map(|(n, p)| (n.as_str(), p.kind())).collect();
+    assert_eq!(
+        kinds,
+        [("android", "fcm"), ("android-2", "fcm"), ("expo", "expo"), ("ios-beta", "apns"), ("ios-prod", "apns")]
+    );
+    let (Provider::Apns(prod), Provider::Apns(beta)) = (&c.providers["ios-prod"], &c.providers["ios-beta"]) else {
+        panic!("not apns")
+    };
+    assert_ne!(prod.auth, beta.auth);
+    assert_ne!(prod.base_url, beta.base_url);
 }

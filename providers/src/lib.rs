@@ -7,11 +7,20 @@
 //!
 //! Providers:
 //! - [`expo::Expo`]: Expo's push service (batches, tickets, receipts).
+//! - [`apns::Apns`]: Apple's APNs over HTTP/2 (token or certificate auth).
+//! - [`fcm::Fcm`]: Firebase Cloud Messaging HTTP v1 (service-account OAuth2).
+//!
+//! Each configured provider is built on its own: its own HTTP client (so its
+//! own connections), credentials and tokens. Several providers of one kind
+//! (e.g. two iOS apps) share nothing.
 
+mod jwt;
 mod notification;
 mod payload;
 
+pub mod apns;
 pub mod expo;
+pub mod fcm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,6 +121,8 @@ pub fn build(
 ) -> Result<Arc<dyn Provider>, BuildError> {
     match config {
         push_relay_config::Provider::Expo(expo) => Ok(Arc::new(expo::Expo::new(name, expo)?)),
+        push_relay_config::Provider::Apns(apns) => Ok(Arc::new(apns::Apns::new(name, apns)?)),
+        push_relay_config::Provider::Fcm(fcm) => Ok(Arc::new(fcm::Fcm::new(name, fcm)?)),
     }
 }
 

@@ -397,14 +397,10 @@ impl Store for SqliteStore {
     async fn registration(&self, id: &str) -> Result<Option<Registration>> {
         let id = id.to_string();
         self.read(move |conn| {
-            let row = conn
-                .query_row(
-                    &format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE id = ?1"),
-                    params![id],
-                    registration_from_row,
-                )
-                .optional()
+            let mut stmt = conn
+                .prepare_cached(&format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE id = ?1"))
                 .map_err(unavailable)?;
+            let row = stmt.query_row(params![id], registration_from_row).optional().map_err(unavailable)?;
             row.map(|(mut r, state)| {
                 r.state = RegistrationState::parse(&state)?;
                 Ok(r)
