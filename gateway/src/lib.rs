@@ -43,11 +43,9 @@ pub fn init_logging(server: &push_relay_config::Server) {
 
 /// Runs the relay until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // Providers first: a bad key file is reported before anything is opened.
+    let providers = build_providers(&config)?;
     let store = store::open(&config.store).await.context("cannot open the store")?;
-    let mut providers = HashMap::new();
-    for (name, provider) in &config.providers {
-        providers.insert(name.clone(), push_relay_providers::build(name, provider)?);
-    }
     let metrics = Arc::new(metrics::Metrics::new());
     let dispatcher = dispatch::Dispatcher::new(store.clone(), providers.clone(), metrics.clone(), config.queue.clone());
     dispatcher.spawn();
@@ -90,6 +88,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     warp::serve(api::routes(app)).incoming(listener).graceful(shutdown_signal()).run().await;
     tracing::info!("push-relay stopped");
     Ok(())
+}
+
+/// Builds every configured provider; the first that cannot be built (an
+/// unreadable or wrong key, say) is the error. `check-config` uses this too.
+pub fn build_providers(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn push_relay_providers::Provider>>> {
+    let mut providers = HashMap::new();
+    for (name, provider) in &config.providers {
+        providers.insert(name.clone(), push_relay_providers::build(name, provider)?);
+    }
+    Ok(providers)
 }
 
 fn store_kind(url: &push_relay_config::StoreUrl) -> &'static str {

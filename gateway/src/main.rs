@@ -39,6 +39,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match load(config.as_ref()) {
             Ok(c) => {
+                // Providers check their credentials (key types, service accounts) when built.
+                if let Err(e) = push_relay::build_providers(&c) {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
                 println!(
                     "configuration is valid: listening on {}, public URL {}, {} provider(s): {}",
                     c.server.listen,
