@@ -63,6 +63,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         queue: config.queue.clone(),
         registration_key: config.server.registration_key.clone(),
         trust_forwarded_for: config.server.trust_forwarded_for,
+        inflight: tokio::sync::Semaphore::new(api::MAX_INFLIGHT_PUSHES),
     });
     {
         let app = app.clone();

@@ -25,6 +25,8 @@ use crate::webpush::{self, crypto, payload, vapid};
 /// When a TTL-0 message must be fetched by the app, its body is kept this
 /// long (the notification only says "fetch").
 const TTL0_FETCH_MS: i64 = 30_000;
+/// `Retry-After` when the relay is overloaded.
+const OVERLOAD_RETRY_SECS: u64 = 5;
 /// `Retry-After` for a registration that is not confirmed yet.
 const PENDING_RETRY_SECS: u64 = 60;
 
@@ -41,6 +43,10 @@ pub enum BodyError {
 }
 
 pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Vec<u8>, BodyError>) -> Result<Response, ApiError> {
+    let Ok(_inflight) = app.inflight.try_acquire() else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the relay is overloaded, try again later")
+            .retry_after(OVERLOAD_RETRY_SECS));
+    };
     let registration = match app.store.registration(&id).await? {
         None => return Err(ApiError::not_found("no such registration")),
         Some(r) => r,

@@ -45,7 +45,14 @@ pub struct App {
     pub queue: push_relay_config::Queue,
     pub registration_key: Option<push_relay_config::Secret>,
     pub trust_forwarded_for: bool,
+    /// Pushes being handled at once; past [`MAX_INFLIGHT_PUSHES`] the relay
+    /// is overloaded and answers 503 + Retry-After (SPEC §4).
+    pub inflight: tokio::sync::Semaphore,
 }
+
+/// Pushes handled at once before the relay answers 503 (the store is
+/// falling behind: better a retry later than an ever longer wait).
+pub const MAX_INFLIGHT_PUSHES: usize = 4096;
 
 /// Largest app API request body.
 const MAX_API_BODY: usize = 16 * 1024;
