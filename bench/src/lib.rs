@@ -259,11 +259,8 @@ pub async fn run(opts: Options) -> Result<Report> {
     let mut report = Report::new(&opts);
     report.machine = report::Machine::detect();
 
-    if let Some(n) = opts.registrations_only {
-        if opts.target_url.is_none() && opts.store_url.is_none() && !opts.keep_store {
-            bail!("--registrations-only without --target-url, --store-url or --keep-store would fill a store that is deleted at the end");
-        }
-        let _ = n;
+    if opts.registrations_only.is_some() && opts.target_url.is_none() && opts.store_url.is_none() && !opts.keep_store {
+        bail!("--registrations-only without --target-url, --store-url or --keep-store would fill a store that is deleted at the end");
     }
 
     // 1. The ceiling, first, while nothing else of ours runs.
