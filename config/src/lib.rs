@@ -248,7 +248,8 @@ pub struct Queue {
     /// `max_ttl_secs`: longer TTLs are capped to this. Default 2419200
     /// (28 days).
     pub max_ttl_secs: u32,
-    /// `workers`: concurrent delivery loops per process, at least 1. Default 2.
+    /// `workers`: concurrent delivery loops per provider and process, at
+    /// least 1. Default 8.
     pub workers: usize,
     /// `batch_size`: messages claimed per round, 1 to 1000. Default 100.
     pub batch_size: usize,
@@ -269,7 +270,7 @@ impl Default for Queue {
         Queue {
             default_ttl_secs: 86_400,
             max_ttl_secs: 2_419_200,
-            workers: 2,
+            workers: 8,
             batch_size: 100,
             lease_secs: 60,
             poll_interval_ms: 500,

@@ -69,7 +69,7 @@ fn defaults_equal_empty_file() {
     assert_eq!(c.store.pool_size, 16);
     assert_eq!(c.queue.default_ttl_secs, 86_400);
     assert_eq!(c.queue.max_ttl_secs, 2_419_200);
-    assert_eq!(c.queue.workers, 2);
+    assert_eq!(c.queue.workers, 8);
     assert_eq!(c.queue.batch_size, 100);
     assert_eq!(c.queue.lease_secs, 60);
     assert_eq!(c.queue.poll_interval_ms, 500);
@@ -169,7 +169,7 @@ pool_size = 4
 [queue]
 default_ttl_secs = 60
 max_ttl_secs = 3600
-workers = 8
+workers = 3
 batch_size = 1000
 lease_secs = 5
 poll_interval_ms = 10
@@ -213,7 +213,7 @@ kind = "expo"
             c.queue.workers,
             c.queue.batch_size
         ),
-        (60, 3600, 8, 1000)
+        (60, 3600, 3, 1000)
     );
     assert_eq!(
         (

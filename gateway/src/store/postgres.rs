@@ -6,6 +6,8 @@
 //! the lease they set keeps a message from being claimed again until it was
 //! delivered, rescheduled, or its claimer died and the lease ran out.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{NoTls, Row};
@@ -358,9 +360,80 @@ impl Store for PostgresStore {
     }
 
     async fn apply(&self, updates: &[Update]) -> Result<()> {
+        // The frequent updates of a delivered batch (delete the message, note
+        // the delivery, remember its receipt) go as one statement each for
+        // the whole batch; the rare ones one by one.
+        let mut removed: Vec<&str> = Vec::new();
+        let mut delivered: HashMap<&str, Millis> = HashMap::new();
+        let mut failures: HashMap<&str, i64> = HashMap::new();
+        let mut receipts: Vec<&PendingReceipt> = Vec::new();
+        let mut receipts_done: Vec<&str> = Vec::new();
+        let mut others: Vec<&Update> = Vec::new();
+        for update in updates {
+            match update {
+                Update::Delivered { message, registration, at } => {
+                    removed.push(message);
+                    let last = delivered.entry(registration).or_insert(*at);
+                    *last = (*last).max(*at);
+                }
+                Update::Drop { message, registration, failed } => {
+                    removed.push(message);
+                    if *failed {
+                        *failures.entry(registration).or_default() += 1;
+                    }
+                }
+                Update::AddReceipt(r) => receipts.push(r),
+                Update::ReceiptDone { id } => receipts_done.push(id),
+                other => others.push(other),
+            }
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
-        for update in updates {
+        if !removed.is_empty() {
+            tx.execute("DELETE FROM queue WHERE id = ANY($1)", &[&removed]).await.map_err(pg)?;
+        }
+        if !delivered.is_empty() {
+            let (ids, ats): (Vec<&str>, Vec<Millis>) = delivered.into_iter().unzip();
+            tx.execute(
+                "UPDATE registrations r SET last_delivery_at = d.at \
+                 FROM unnest($1::text[], $2::bigint[]) AS d(id, at) WHERE r.id = d.id",
+                &[&ids, &ats],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        if !failures.is_empty() {
+            let (ids, counts): (Vec<&str>, Vec<i64>) = failures.into_iter().unzip();
+            tx.execute(
+                "UPDATE registrations r SET delivery_failures = r.delivery_failures + f.n \
+                 FROM unnest($1::text[], $2::bigint[]) AS f(id, n) WHERE r.id = f.id",
+                &[&ids, &counts],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        if !receipts.is_empty() {
+            let ids: Vec<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
+            let registrations: Vec<&str> = receipts.iter().map(|r| r.registration.as_str()).collect();
+            let tokens: Vec<&str> = receipts.iter().map(|r| r.token.as_str()).collect();
+            let providers: Vec<&str> = receipts.iter().map(|r| r.provider.as_str()).collect();
+            let check_at: Vec<Millis> = receipts.iter().map(|r| r.check_at).collect();
+            let checks: Vec<i32> = receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect();
+            tx.execute(
+                "INSERT INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
+                 SELECT id, registration, token, provider, check_at, checks, 0 \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::int[]) \
+                     AS r(id, registration, token, provider, check_at, checks) \
+                 ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+                &[&ids, &registrations, &tokens, &providers, &check_at, &checks],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        if !receipts_done.is_empty() {
+            tx.execute("DELETE FROM receipts WHERE id = ANY($1)", &[&receipts_done]).await.map_err(pg)?;
+        }
+        for update in others {
             apply_one(&tx, update).await?;
         }
         tx.commit().await.map_err(pg)
