@@ -263,3 +263,77 @@ pub(crate) fn plugins(r: &Resolver<'_>, raw: &[Spanned<RawPlugin>], limits: &Plu
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `toml` as push-relay.toml next to an (empty) filter.wasm and loads it.
+    fn load(toml: &str) -> (tempfile::TempDir, std::result::Result<crate::Config, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("filter.wasm"), b"\0asm").unwrap();
+        let path = dir.path().join("push-relay.toml");
+        std::fs::write(&path, toml).unwrap();
+        let r = crate::load(&path);
+        (dir, r)
+    }
+
+    #[track_caller]
+    fn err(toml: &str, line: usize, key: &str, needle: &str) {
+        let (_dir, r) = load(toml);
+        let e = r.expect_err("expected an error");
+        let shown = e.to_string();
+        assert_eq!(e.line(), Some(line), "{shown}");
+        assert_eq!(e.key(), Some(key), "{shown}");
+        assert!(shown.contains(needle), "{shown}");
+    }
+
+    #[test]
+    fn full_plugin_and_defaults() {
+        let (dir, r) = load(
+            "[plugin_limits]\nfuel = 20_000_000\ntimeout_ms = 100\n\n\
+             [[plugins]]\nname = \"kw\"\npath = \"filter.wasm\"\ninstances = [\"Mastodon.Social\", \"a.example\"]\n\
+             config = { words = [\"casino\"], n = 3, nested = { ok = true } }\nsee_payload = true\non_error = \"drop\"\nfuel = 1000\n\n\
+             [[plugins]]\nname = \"rate\"\npath = \"filter.wasm\"\n",
+        );
+        let c = r.unwrap();
+        assert_eq!(c.plugin_limits, PluginLimits { fuel: 20_000_000, timeout_ms: 100, memory_mb: 16, threads: 4 });
+        let kw = &c.plugins[0];
+        assert_eq!(kw.path, dir.path().join("filter.wasm"));
+        assert_eq!(kw.instances, PluginInstances::Only(vec!["mastodon.social".into(), "a.example".into()]));
+        assert!(kw.instances.matches("MASTODON.social") && !kw.instances.matches("b.example"));
+        let json: serde_json::Value = serde_json::from_str(&kw.config_json).unwrap();
+        assert_eq!(json, serde_json::json!({"words": ["casino"], "n": 3, "nested": {"ok": true}}));
+        assert!(kw.see_payload);
+        assert_eq!(kw.on_error, OnError::Drop);
+        assert_eq!((kw.fuel, kw.timeout_ms, kw.memory_mb), (1000, 100, 16));
+        let rate = &c.plugins[1];
+        assert_eq!(rate.instances, PluginInstances::All);
+        assert_eq!(rate.config_json, "{}");
+        assert!(!rate.see_payload);
+        assert_eq!(rate.on_error, OnError::Deliver);
+        assert_eq!(rate.fuel, 20_000_000);
+        assert!(crate::Config::default().plugins.is_empty());
+    }
+
+    #[test]
+    fn plugin_errors() {
+        err("[[plugins]]\nname = \"kw\"\npath = \"missing.wasm\"\n", 3, "plugins[0].path", "missing.wasm");
+        err("[[plugins]]\npath = \"filter.wasm\"\n", 1, "plugins[0].name", "missing");
+        err("[[plugins]]\nname = \"a b\"\npath = \"filter.wasm\"\n", 2, "plugins[0].name", "invalid plugin name");
+        err(
+            "[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\n[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\n",
+            5,
+            "plugins[1].name",
+            "already configured",
+        );
+        err("[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\non_error = \"ignore\"\n", 4, "plugins[0].on_error", "\"deliver\" or \"drop\"");
+        err("[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\ninstances = [\"*\", \"x.example\"]\n", 4, "plugins[0].instances", "alone");
+        err("[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\ninstances = [\"https://x.example/\"]\n", 4, "plugins[0].instances", "not an instance domain");
+        err("[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\nfuel = 99_000_000\n", 4, "plugins[0].fuel", "at most plugin_limits.fuel");
+        err("[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\nmemory_mb = 0\n", 4, "plugins[0].memory_mb", "between 1 and 16");
+        err("[plugin_limits]\ntimeout_ms = 0\n", 2, "plugin_limits.timeout_ms", "between 1 and 10000");
+        let (_d, r) = load("[[plugins]]\nname = \"a\"\npath = \"filter.wasm\"\nfule = 3\n");
+        assert!(r.unwrap_err().to_string().contains("fule"));
+    }
+}

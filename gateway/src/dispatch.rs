@@ -93,7 +93,11 @@ impl Dispatcher {
             let lease_until = now + i64::from(self.queue.lease_secs) * 1000;
             match self.store.claim(provider, now, self.queue.batch_size, lease_until).await {
                 Ok(batch) if !batch.is_empty() => {
-                    self.deliver(provider, batch).await;
+                    let ids: Vec<String> = batch.iter().map(|c| c.message.id.clone()).collect();
+                    tokio::select! {
+                        _ = self.deliver(provider, batch) => {}
+                        _ = self.renew_lease(&ids) => {}
+                    }
                     // More may be due: go on without waiting.
                 }
                 Ok(_) => {
@@ -103,6 +107,21 @@ impl Dispatcher {
                     tracing::warn!(provider, "cannot claim messages: {e}");
                     tokio::time::sleep(self.poll_interval()).await;
                 }
+            }
+        }
+    }
+
+    /// Renews the lease of a batch being delivered every third of a lease,
+    /// for as long as delivery takes (it never returns by itself).
+    async fn renew_lease(&self, ids: &[String]) {
+        let lease = Duration::from_secs(u64::from(self.queue.lease_secs));
+        let mut tick = tokio::time::interval(lease / 3);
+        tick.tick().await; // the first tick is immediate: the claim just set it
+        loop {
+            tick.tick().await;
+            let lease_until = now_ms() + lease.as_millis() as Millis;
+            if let Err(e) = self.store.extend_lease(ids, lease_until).await {
+                tracing::warn!("cannot renew the lease of {} messages being delivered: {e}", ids.len());
             }
         }
     }

@@ -50,6 +50,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dispatcher = dispatch::Dispatcher::new(store.clone(), providers.clone(), metrics.clone(), config.queue.clone());
     dispatcher.spawn();
 
+    let plugins = start_plugins(&config, metrics.clone()).await?;
+
     let endpoint_base = config.server.endpoint_base();
     let origin = config.server.public_url.origin().ascii_serialization();
     let app = Arc::new(api::App {
@@ -64,6 +66,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         registration_key: config.server.registration_key.clone(),
         trust_forwarded_for: config.server.trust_forwarded_for,
         inflight: tokio::sync::Semaphore::new(api::MAX_INFLIGHT_PUSHES),
+        plugins,
     });
     {
         let app = app.clone();
@@ -99,6 +102,46 @@ pub fn build_providers(config: &Config) -> anyhow::Result<HashMap<String, Arc<dy
         providers.insert(name.clone(), push_relay_providers::build(name, provider)?);
     }
     Ok(providers)
+}
+
+/// Loads the `[[plugins]]` (compiling them off the runtime's workers) and
+/// starts their reloader: every second the files are checked for changes,
+/// and `SIGHUP` reloads whatever changed at once. A plugin that cannot be
+/// loaded refuses the start; a new version that cannot be loaded leaves the
+/// old one running.
+async fn start_plugins(
+    config: &Config,
+    metrics: Arc<metrics::Metrics>,
+) -> anyhow::Result<Option<Arc<push_relay_plugins::PluginHost>>> {
+    if config.plugins.is_empty() {
+        return Ok(None);
+    }
+    let (plugins, limits) = (config.plugins.clone(), config.plugin_limits.clone());
+    let options = push_relay_plugins::HostOptions { observer: metrics, ..Default::default() };
+    let host = tokio::task::spawn_blocking(move || push_relay_plugins::PluginHost::new(&plugins, &limits, options))
+        .await
+        .context("plugin loading panicked")?
+        .context("cannot load the plugins")?;
+    let host = Arc::new(host);
+    tracing::info!(plugins = ?host.names(), "plugins loaded");
+    let reloader = host.clone();
+    tokio::spawn(async move {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let force = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: reloading plugins");
+                    true
+                }
+            };
+            let host = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || host.reload(force)).await;
+        }
+    });
+    Ok(Some(host))
 }
 
 fn store_kind(url: &push_relay_config::StoreUrl) -> &'static str {

@@ -26,6 +26,12 @@ pub struct Metrics {
     /// Decrypted-mode messages delivered opaque because they did not
     /// decrypt to JSON.
     pub decrypt_fallbacks: IntCounter,
+    /// Plugin answers, by plugin and verdict (deliver, drop,
+    /// deliver_with_changes, on_error_deliver, on_error_drop).
+    pub plugin_verdicts: IntCounterVec,
+    /// Plugin failures, by plugin and kind (fuel, timeout, memory, trap,
+    /// invalid_output, instantiate, circuit_open, overloaded, reload).
+    pub plugin_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -75,6 +81,16 @@ impl Metrics {
                 "Decrypted-mode messages sent opaque because they did not decrypt to JSON",
             )
             .expect("static metric"),
+            plugin_verdicts: IntCounterVec::new(
+                Opts::new("plugin_verdicts_total", "Plugin verdicts, by plugin and verdict"),
+                &["plugin", "verdict"],
+            )
+            .expect("static metric"),
+            plugin_failures: IntCounterVec::new(
+                Opts::new("plugin_failures_total", "Plugin failures, by plugin and kind"),
+                &["plugin", "kind"],
+            )
+            .expect("static metric"),
             registry,
         };
         for collector in [
@@ -88,6 +104,8 @@ impl Metrics {
             Box::new(m.rate_limited.clone()),
             Box::new(m.registrations.clone()),
             Box::new(m.decrypt_fallbacks.clone()),
+            Box::new(m.plugin_verdicts.clone()),
+            Box::new(m.plugin_failures.clone()),
         ] {
             // Registration only fails on duplicate names, which are static here.
             let _ = m.registry.register(collector);
@@ -100,6 +118,16 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl push_relay_plugins::Observer for Metrics {
+    fn verdict(&self, plugin: &str, verdict: &str) {
+        self.plugin_verdicts.with_label_values(&[plugin, verdict]).inc();
+    }
+
+    fn failure(&self, plugin: &str, kind: &str) {
+        self.plugin_failures.with_label_values(&[plugin, kind]).inc();
     }
 }
 

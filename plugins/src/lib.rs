@@ -24,6 +24,7 @@
 mod breaker;
 mod counters;
 pub mod cli;
+pub mod guest;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,300 +1,37 @@
 //! The APNs provider against a real HTTP/2-over-TLS server that checks
 //! what Apple checks: the provider JWT (ES256 signature, `kid`, `iss`,
 //! `iat`) or the client certificate, every header and the JSON payload. It
-//! can be scripted to answer each error APNs has.
+//! can be scripted to answer each error APNs has. The server is the e2e
+//! harness's [`MockApns`], which the end-to-end tests of the relay binary use
+//! too.
 
 mod common;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::{build, decrypted, opaque, p256_key, pkcs8_pem, public_of, unix_now, verify_jwt, Pki};
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response};
-use openssl::pkey::{PKey, Public};
+use common::{build, decrypted, opaque, p256_key, pkcs8_pem, unix_now, Pki};
+use push_relay_e2e::{apns_token as token, ApnsApp, ApnsKey, MockApns};
 use push_relay_providers::{Outcome, Provider, Urgency};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const TOPIC: &str = "org.example.app";
 const KEY_ID: &str = "ABC123DEFG";
 const TEAM_ID: &str = "TEAM123456";
 
-/// A scripted answer: status, `reason`, `Retry-After`.
-type Answer = (u16, &'static str, Option<u64>);
-
-/// One request the server accepted as well-formed.
-#[derive(Clone, Debug)]
-struct Seen {
-    token: String,
-    headers: HashMap<String, String>,
-    body: serde_json::Value,
-    jwt: Option<String>,
-}
-
-#[derive(Default)]
-struct State {
-    seen: Vec<Seen>,
-    /// What was wrong with requests that were not well-formed.
-    problems: Vec<String>,
-    /// Answers for a device token, used up in order; 200 when none is left.
-    script: HashMap<String, VecDeque<Answer>>,
-    /// Provider tokens the server has declared expired.
-    expired: HashSet<String>,
-}
-
-enum Auth {
-    /// Token auth: the public half of the `.p8` key.
-    Token(PKey<Public>),
-    /// Certificate auth: the client certificate (DER) every connection must present.
-    Certificate(Vec<u8>),
-}
-
-struct ApnsServer {
-    addr: SocketAddr,
-    /// TCP connections accepted.
-    connections: AtomicUsize,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-    auth: Auth,
-    state: Mutex<State>,
-}
-
-impl ApnsServer {
-    async fn start(pki: &Pki, auth: Auth) -> Arc<ApnsServer> {
-        let server_cert = pki.server();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let builder = match &auth {
-            Auth::Token(_) => builder.with_no_client_auth(),
-            Auth::Certificate(_) => {
-                // Client certificates are required and must chain to the test CA.
-                let mut roots = rustls::RootCertStore::empty();
-                roots.add(CertificateDer::from(pki.ca.to_der().unwrap())).unwrap();
-                let verifier =
-                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
-                builder.with_client_cert_verifier(verifier)
-            }
-        };
-        let mut config = builder
-            .with_single_cert(
-                vec![CertificateDer::from(server_cert.cert.to_der().unwrap())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_cert.key.private_key_to_pkcs8().unwrap())),
-            )
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Arc::new(ApnsServer {
-            addr: listener.local_addr().unwrap(),
-            connections: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
-            auth,
-            state: Mutex::new(State::default()),
-        });
-        let accepting = server.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                accepting.connections.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, server) = (acceptor.clone(), accepting.clone());
-                tokio::spawn(async move {
-                    let tls = match acceptor.accept(tcp).await {
-                        Ok(tls) => tls,
-                        Err(e) => {
-                            server.state.lock().unwrap().problems.push(format!("TLS handshake failed: {e}"));
-                            return;
-                        }
-                    };
-                    let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
-                    let service = hyper::service::service_fn(move |request| {
-                        let (server, peer) = (server.clone(), peer.clone());
-                        async move { Ok::<_, Infallible>(server.handle(request, peer).await) }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .max_concurrent_streams(1000)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        server
-    }
-
-    fn base_url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
-    fn script(&self, token: &str, answers: &[Answer]) {
-        self.state.lock().unwrap().script.insert(token.into(), answers.iter().copied().collect());
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.state.lock().unwrap().seen.clone()
-    }
-
-    fn problems(&self) -> Vec<String> {
-        self.state.lock().unwrap().problems.clone()
-    }
-
-    fn distinct_jwts(&self) -> HashSet<String> {
-        self.seen().into_iter().filter_map(|s| s.jwt).collect()
-    }
-
-    async fn handle(&self, request: Request<hyper::body::Incoming>, peer: Option<Vec<u8>>) -> Response<Full<Bytes>> {
-        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        // A little latency, so that concurrent requests really overlap.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let answer = self.answer(request, peer).await;
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        answer
-    }
-
-    async fn answer(&self, request: Request<hyper::body::Incoming>, peer: Option<Vec<u8>>) -> Response<Full<Bytes>> {
-        let (parts, body) = request.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let headers: HashMap<String, String> = parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let header = |name: &str| headers.get(name).map(String::as_str).unwrap_or("");
-        let refuse = |status: u16, reason: &str, problem: String| {
-            self.state.lock().unwrap().problems.push(problem);
-            reply(status, reason, None)
-        };
-        // What APNs itself checks, in its terms.
-        if parts.version != hyper::Version::HTTP_2 || parts.method != hyper::Method::POST {
-            return refuse(405, "MethodNotAllowed", format!("{:?} {}", parts.version, parts.method));
-        }
-        let Some(token) = parts.uri.path().strip_prefix("/3/device/").map(str::to_string) else {
-            return refuse(404, "BadPath", format!("path {}", parts.uri.path()));
-        };
-        if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return refuse(400, "BadDeviceToken", format!("token {token}"));
-        }
-        let jwt = match &self.auth {
-            Auth::Certificate(expected) => {
-                if peer.as_ref() != Some(expected) {
-                    return refuse(403, "BadCertificate", "not the expected client certificate".into());
-                }
-                if headers.contains_key("authorization") {
-                    return refuse(403, "InvalidProviderToken", "a token with certificate auth".into());
-                }
-                None
-            }
-            Auth::Token(public) => {
-                let Some(jwt) = header("authorization").strip_prefix("bearer ") else {
-                    return refuse(403, "MissingProviderToken", format!("authorization {:?}", header("authorization")));
-                };
-                let checked = verify_jwt(jwt, public, "ES256").and_then(|t| {
-                    let iat = t.claims["iat"].as_u64().unwrap_or(0);
-                    if t.header["kid"] != KEY_ID {
-                        Err(format!("kid {}", t.header["kid"]))
-                    } else if t.claims["iss"] != TEAM_ID {
-                        Err(format!("iss {}", t.claims["iss"]))
-                    } else if iat + 3600 < unix_now() || iat > unix_now() + 60 {
-                        Err(format!("iat {iat}"))
-                    } else {
-                        Ok(())
-                    }
-                });
-                if let Err(why) = checked {
-                    return refuse(403, "InvalidProviderToken", why);
-                }
-                if self.state.lock().unwrap().expired.contains(jwt) {
-                    return reply(403, "ExpiredProviderToken", None);
-                }
-                Some(jwt.to_string())
-            }
-        };
-        if header("apns-topic") != TOPIC {
-            return refuse(400, "BadTopic", format!("apns-topic {:?}", header("apns-topic")));
-        }
-        if header("apns-push-type") != "alert" {
-            return refuse(400, "InvalidPushType", format!("apns-push-type {:?}", header("apns-push-type")));
-        }
-        if !["5", "10"].contains(&header("apns-priority")) {
-            return refuse(400, "BadPriority", format!("apns-priority {:?}", header("apns-priority")));
-        }
-        if header("apns-expiration").parse::<u64>().is_err() {
-            return refuse(400, "BadExpirationDate", format!("apns-expiration {:?}", header("apns-expiration")));
-        }
-        if !is_uuid(header("apns-id")) {
-            return refuse(400, "BadMessageId", format!("apns-id {:?}", header("apns-id")));
-        }
-        if headers.get("apns-collapse-id").is_some_and(|c| c.len() > 64) {
-            return refuse(400, "BadCollapseId", "apns-collapse-id over 64 bytes".into());
-        }
-        if body.len() > 4096 {
-            return refuse(413, "PayloadTooLarge", format!("{} bytes", body.len()));
-        }
-        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) else {
-            return refuse(400, "BadPayload", "not JSON".into());
-        };
-        if !json["aps"]["alert"].is_object() {
-            return refuse(400, "PayloadEmpty", format!("no aps.alert in {json}"));
-        }
-        let mut state = self.state.lock().unwrap();
-        state.seen.push(Seen { token: token.clone(), headers: headers.clone(), body: json, jwt: jwt.clone() });
-        let scripted = state.script.get_mut(&token).and_then(VecDeque::pop_front);
-        match scripted {
-            Some((403, "ExpiredProviderToken", _)) => {
-                state.expired.extend(jwt);
-                reply(403, "ExpiredProviderToken", None)
-            }
-            Some((status, reason, after)) => reply(status, reason, after),
-            None => {
-                let mut ok = Response::new(Full::new(Bytes::new()));
-                ok.headers_mut().insert("apns-id", header("apns-id").parse().unwrap());
-                ok
-            }
-        }
-    }
-}
-
-fn reply(status: u16, reason: &str, retry_after: Option<u64>) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "reason": reason }).to_string();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    if let Some(after) = retry_after {
-        response.headers_mut().insert("retry-after", after.to_string().parse().unwrap());
-    }
-    response
-}
-
-fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-fn token(i: usize) -> String {
-    format!("{i:064x}")
-}
-
 /// A token-auth APNs provider talking to a fresh test server.
 struct TokenSetup {
-    server: Arc<ApnsServer>,
-    provider: Arc<dyn Provider>,
+    server: MockApns,
+    provider: std::sync::Arc<dyn Provider>,
     _dir: tempfile::TempDir,
 }
 
 async fn token_setup() -> TokenSetup {
     let pki = Pki::new();
-    let key = p256_key();
-    let server = ApnsServer::start(&pki, Auth::Token(public_of(&key))).await;
+    let key = ApnsKey::generate(KEY_ID, TEAM_ID);
+    let server = MockApns::start(&pki, vec![ApnsApp::token("ios", &key, TOPIC)]).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("AuthKey_ABC123DEFG.p8"), pkcs8_pem(&key)).unwrap();
-    std::fs::write(dir.path().join("test-ca.pem"), pki.ca_pem()).unwrap();
+    key.write_p8(&dir.path().join("AuthKey_ABC123DEFG.p8"));
+    pki.write_ca(&dir.path().join("test-ca.pem"));
     let toml = format!(
         "[providers.ios]\nkind = \"apns\"\nkey_file = \"AuthKey_ABC123DEFG.p8\"\nkey_id = \"{KEY_ID}\"\n\
          team_id = \"{TEAM_ID}\"\ntopic = \"{TOPIC}\"\nenvironment = \"sandbox\"\nbase_url = \"{}\"\n\
@@ -450,23 +187,23 @@ async fn a_thousand_concurrent_pushes_share_one_connection_and_one_token() {
     assert!(s.server.problems().is_empty(), "{:?}", &s.server.problems()[..1]);
     assert_eq!(outcomes.len(), 1000);
     assert!(outcomes.iter().all(|o| *o == Outcome::Delivered { receipt: None }), "{:?}", outcomes.iter().find(|o| !matches!(o, Outcome::Delivered { .. })));
-    assert_eq!(s.server.connections.load(Ordering::SeqCst), 1, "one TLS connection");
+    assert_eq!(s.server.connections(), 1, "one TLS connection");
     assert_eq!(s.server.distinct_jwts().len(), 1, "one provider token");
-    let overlap = s.server.max_in_flight.load(Ordering::SeqCst);
+    let overlap = s.server.max_in_flight();
     assert!(overlap >= 50, "requests were concurrent (at most {overlap} at once)");
     // 1000 × 5 ms one after the other would take 5 s.
     assert!(took < Duration::from_secs(4), "took {took:?}");
     // A second batch reuses the same connection.
     let outcomes = s.provider.send(&batch[..100]).await;
     assert!(outcomes.iter().all(|o| *o == Outcome::Delivered { receipt: None }));
-    assert_eq!(s.server.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(s.server.connections(), 1);
 }
 
 #[tokio::test]
 async fn certificate_auth_presents_the_client_certificate() {
     let pki = Pki::new();
     let client = pki.client("Apple Push Services: org.example.app");
-    let server = ApnsServer::start(&pki, Auth::Certificate(client.cert.to_der().unwrap())).await;
+    let server = MockApns::start(&pki, vec![ApnsApp::certificate("ios-cert", &client, TOPIC)]).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("apns-cert.pem"), client.cert_pem()).unwrap();
     std::fs::write(dir.path().join("apns-key.pem"), client.key_pem()).unwrap();
@@ -482,7 +219,7 @@ async fn certificate_auth_presents_the_client_certificate() {
     assert!(server.problems().is_empty(), "{:?}", server.problems());
     assert!(outcomes.iter().all(|o| *o == Outcome::Delivered { receipt: None }), "{outcomes:?}");
     assert!(server.seen().iter().all(|r| r.jwt.is_none() && !r.headers.contains_key("authorization")));
-    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(server.connections(), 1);
 
     // Without a client certificate the server refuses the handshake: the
     // provider reports a retry, not a delivery.
@@ -502,10 +239,10 @@ async fn certificate_auth_presents_the_client_certificate() {
 async fn unknown_ca_is_refused() {
     // Without ca_file the test server's certificate is not trusted.
     let pki = Pki::new();
-    let key = p256_key();
-    let server = ApnsServer::start(&pki, Auth::Token(public_of(&key))).await;
+    let key = ApnsKey::generate(KEY_ID, TEAM_ID);
+    let server = MockApns::start(&pki, vec![ApnsApp::token("ios", &key, TOPIC)]).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("k.p8"), pkcs8_pem(&key)).unwrap();
+    key.write_p8(&dir.path().join("k.p8"));
     let toml = format!(
         "[providers.ios]\nkind = \"apns\"\nkey_file = \"k.p8\"\nkey_id = \"{KEY_ID}\"\nteam_id = \"{TEAM_ID}\"\n\
          topic = \"{TOPIC}\"\nbase_url = \"{}\"\n",

@@ -3,249 +3,33 @@
 //! assertion's RS256 signature against the service account's public key,
 //! its scope, audience and lifetime; the send endpoint checks the bearer
 //! token and the message's shape, and can be scripted to answer each error.
+//! The server is the e2e harness's [`MockFcm`], which the end-to-end tests of
+//! the relay binary use too.
 
 mod common;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{build, decrypted, opaque, pkcs8_pem, public_of, rsa_key, unix_now, verify_jwt};
-use openssl::pkey::{PKey, Public};
+use common::{build, decrypted, opaque, pkcs8_pem};
+use push_relay_e2e::{fcm_error, MockFcm, ServiceAccount};
 use push_relay_providers::{Content, Outcome, Provider, Urgency};
-use serde_json::{json, Value};
-use warp::http::Response;
-use warp::Filter;
+use serde_json::json;
 
 const PROJECT: &str = "demo-project";
 const EMAIL: &str = "relay@demo-project.iam.gserviceaccount.com";
-const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
-
-/// A scripted answer: status, JSON body, `Retry-After`.
-type Answer = (u16, Value, Option<u64>);
-
-#[derive(Default)]
-struct State {
-    /// Messages accepted as well-formed, with the bearer token they came with.
-    seen: Vec<(String, Value)>,
-    problems: Vec<String>,
-    script: HashMap<String, VecDeque<Answer>>,
-    /// Access tokens issued and not revoked.
-    valid: HashSet<String>,
-    issued: usize,
-    expires_in: u64,
-    /// When set, the token endpoint refuses the grant.
-    refuse_grant: bool,
-    /// When set, every bearer token is refused (401).
-    reject_bearers: bool,
-}
-
-struct FcmServer {
-    addr: SocketAddr,
-    public: PKey<Public>,
-    token_requests: AtomicUsize,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-    state: Mutex<State>,
-}
-
-impl FcmServer {
-    async fn start(public: PKey<Public>) -> Arc<FcmServer> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Arc::new(FcmServer {
-            addr: listener.local_addr().unwrap(),
-            public,
-            token_requests: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
-            state: Mutex::new(State { expires_in: 3599, ..State::default() }),
-        });
-        let token_server = server.clone();
-        let token = warp::post()
-            .and(warp::path("token"))
-            .and(warp::path::end())
-            .and(warp::body::form::<HashMap<String, String>>())
-            .map(move |form: HashMap<String, String>| token_server.token(form));
-        let send_server = server.clone();
-        let send = warp::post()
-            .and(warp::path!("v1" / "projects" / String / String))
-            .and(warp::header::optional::<String>("authorization"))
-            .and(warp::body::bytes())
-            .then(move |project: String, method: String, auth: Option<String>, body: bytes::Bytes| {
-                let server = send_server.clone();
-                async move { server.send(&project, &method, auth, &body).await }
-            });
-        tokio::spawn(warp::serve(token.or(send)).incoming(listener).run());
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn token_uri(&self) -> String {
-        format!("http://{}/token", self.addr)
-    }
-
-    fn problems(&self) -> Vec<String> {
-        self.state.lock().unwrap().problems.clone()
-    }
-
-    fn seen(&self) -> Vec<(String, Value)> {
-        self.state.lock().unwrap().seen.clone()
-    }
-
-    fn script(&self, token: &str, answers: Vec<Answer>) {
-        self.state.lock().unwrap().script.insert(token.into(), answers.into());
-    }
-
-    /// Revokes every access token issued so far.
-    fn revoke_all(&self) {
-        self.state.lock().unwrap().valid.clear();
-    }
-
-    fn token(&self, form: HashMap<String, String>) -> Response<String> {
-        self.token_requests.fetch_add(1, Ordering::SeqCst);
-        let mut state = self.state.lock().unwrap();
-        let checked = (|| {
-            if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
-                return Err(format!("grant_type {:?}", form.get("grant_type")));
-            }
-            let assertion = form.get("assertion").ok_or("no assertion")?;
-            let jwt = verify_jwt(assertion, &self.public, "RS256")?;
-            let c = &jwt.claims;
-            let iat = c["iat"].as_u64().unwrap_or(0);
-            if jwt.header["typ"] != "JWT" {
-                Err(format!("typ {}", jwt.header["typ"]))
-            } else if c["iss"] != EMAIL {
-                Err(format!("iss {}", c["iss"]))
-            } else if c["scope"] != SCOPE {
-                Err(format!("scope {}", c["scope"]))
-            } else if c["aud"] != self.token_uri().as_str() {
-                Err(format!("aud {}", c["aud"]))
-            } else if iat.abs_diff(unix_now()) > 60 || c["exp"].as_u64() != Some(iat + 3600) {
-                Err(format!("iat {iat} exp {}", c["exp"]))
-            } else {
-                Ok(())
-            }
-        })();
-        if let Err(why) = checked {
-            state.problems.push(format!("token request: {why}"));
-            return json_response(400, json!({"error": "invalid_grant", "error_description": why}), None);
-        }
-        if state.refuse_grant {
-            return json_response(400, json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}), None);
-        }
-        state.issued += 1;
-        let token = format!("ya29.test-{}", state.issued);
-        state.valid.insert(token.clone());
-        json_response(200, json!({"access_token": token, "expires_in": state.expires_in, "token_type": "Bearer"}), None)
-    }
-
-    async fn send(&self, project: &str, method: &str, auth: Option<String>, body: &[u8]) -> Response<String> {
-        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let answer = self.answer(project, method, auth, body);
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        answer
-    }
-
-    fn answer(&self, project: &str, method: &str, auth: Option<String>, body: &[u8]) -> Response<String> {
-        let mut state = self.state.lock().unwrap();
-        let refuse = |state: &mut State, status: u16, rpc: &str, why: String| {
-            state.problems.push(why.clone());
-            json_response(status, json!({"error": {"code": status, "message": why, "status": rpc}}), None)
-        };
-        if project != PROJECT || method != "messages:send" {
-            return refuse(&mut state, 404, "NOT_FOUND", format!("path {project}/{method}"));
-        }
-        let bearer = auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("").to_string();
-        let valid = state.valid.contains(&bearer) && !state.reject_bearers;
-        if !valid {
-            // Not a problem of the provider's making when it was revoked.
-            return json_response(
-                401,
-                json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.",
-                    "status": "UNAUTHENTICATED"}}),
-                None,
-            );
-        }
-        let Ok(body) = serde_json::from_slice::<Value>(body) else {
-            return refuse(&mut state, 400, "INVALID_ARGUMENT", "not JSON".into());
-        };
-        let message = &body["message"];
-        let problem = (|| {
-            let token = message["token"].as_str().filter(|t| !t.is_empty()).ok_or("no token")?;
-            let android = &message["android"];
-            if !["HIGH", "NORMAL"].contains(&android["priority"].as_str().unwrap_or("")) {
-                return Err(format!("android.priority {}", android["priority"]));
-            }
-            let ttl = android["ttl"].as_str().unwrap_or("");
-            if !ttl.strip_suffix('s').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
-                return Err(format!("android.ttl {ttl:?}"));
-            }
-            let data = message["data"].as_object().ok_or("no data")?;
-            if let Some((k, v)) = data.iter().find(|(_, v)| !v.is_string()) {
-                return Err(format!("data.{k} is {v}, not a string"));
-            }
-            let allowed = ["token", "android", "data", "notification"];
-            if let Some(k) = message.as_object().unwrap().keys().find(|k| !allowed.contains(&k.as_str())) {
-                return Err(format!("unknown field message.{k}"));
-            }
-            Ok(token.to_string())
-        })();
-        let token = match problem {
-            Ok(token) => token,
-            Err(why) => return refuse(&mut state, 400, "INVALID_ARGUMENT", why),
-        };
-        state.seen.push((bearer, message.clone()));
-        match state.script.get_mut(&token).and_then(VecDeque::pop_front) {
-            Some((status, body, after)) => json_response(status, body, after),
-            None => json_response(200, json!({"name": format!("projects/{PROJECT}/messages/0:1234")}), None),
-        }
-    }
-}
-
-fn json_response(status: u16, body: Value, retry_after: Option<u64>) -> Response<String> {
-    let mut response = Response::builder().status(status).header("content-type", "application/json");
-    if let Some(after) = retry_after {
-        response = response.header("retry-after", after.to_string());
-    }
-    response.body(body.to_string()).unwrap()
-}
-
-fn fcm_error(code: u16, status: &str, message: &str, error_code: Option<&str>) -> Value {
-    let mut details = Vec::new();
-    if let Some(e) = error_code {
-        details.push(json!({"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": e}));
-    }
-    json!({"error": {"code": code, "message": message, "status": status, "details": details}})
-}
 
 struct Setup {
-    server: Arc<FcmServer>,
-    provider: Arc<dyn Provider>,
+    server: MockFcm,
+    provider: std::sync::Arc<dyn Provider>,
     _dir: tempfile::TempDir,
 }
 
 async fn setup() -> Setup {
-    let key = rsa_key();
-    let server = FcmServer::start(public_of(&key)).await;
+    let account = ServiceAccount::generate(PROJECT, EMAIL);
+    let server = MockFcm::start(&[&account]).await;
     let dir = tempfile::tempdir().unwrap();
-    let account = json!({
-        "type": "service_account",
-        "project_id": PROJECT,
-        "private_key_id": "0123456789abcdef",
-        "private_key": pkcs8_pem(&key),
-        "client_email": EMAIL,
-        "client_id": "1234567890",
-        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-        "token_uri": server.token_uri(),
-    });
-    std::fs::write(dir.path().join("service-account.json"), account.to_string()).unwrap();
+    account.write_json(&dir.path().join("service-account.json"), &server.token_uri());
     let toml = format!(
         "[providers.android]\nkind = \"fcm\"\nservice_account_file = \"service-account.json\"\nbase_url = \"{}\"\n\
          placeholder_title = \"New post\"\ntimeout_secs = 20\n",
@@ -271,7 +55,7 @@ async fn message_shapes() {
     assert_eq!(outcomes, vec![DELIVERED; 3], "{:?}", s.server.problems());
     assert!(s.server.problems().is_empty(), "{:?}", s.server.problems());
     let seen = s.server.seen();
-    let message = |token: &str| seen.iter().find(|(_, m)| m["token"] == token).unwrap().1.clone();
+    let message = |token: &str| seen.iter().find(|r| r.token() == token).unwrap().message.clone();
     assert_eq!(
         message("tok-opaque"),
         json!({"token": "tok-opaque",
@@ -293,7 +77,7 @@ async fn message_shapes() {
         json!({"token": "tok-fetch", "android": {"priority": "NORMAL", "ttl": "0s"},
             "data": {"registration": "reg-m3", "message_id": "m3", "fetch": "true", "placeholder_title": "New post"}})
     );
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(s.server.token_requests(), 1);
 }
 
 #[tokio::test]
@@ -303,13 +87,13 @@ async fn one_access_token_for_a_hundred_concurrent_sends() {
     let outcomes = s.provider.send(&batch).await;
     assert!(s.server.problems().is_empty(), "{:?}", s.server.problems());
     assert_eq!(outcomes, vec![DELIVERED; 100]);
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 1, "one token request");
-    assert!(s.server.max_in_flight.load(Ordering::SeqCst) > 10, "sends were concurrent");
-    let bearers: HashSet<String> = s.server.seen().into_iter().map(|(b, _)| b).collect();
+    assert_eq!(s.server.token_requests(), 1, "one token request");
+    assert!(s.server.max_in_flight() > 10, "sends were concurrent");
+    let bearers: HashSet<String> = s.server.seen().into_iter().map(|r| r.bearer).collect();
     assert_eq!(bearers.len(), 1);
     // Reused by the next batch too.
     s.provider.send(&batch[..10]).await;
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(s.server.token_requests(), 1);
 }
 
 #[tokio::test]
@@ -320,28 +104,28 @@ async fn token_is_renewed_after_a_401_once_for_everyone() {
     let batch: Vec<_> = (1..=30).map(|i| opaque(&format!("tok-{i}"), &format!("m{i}"))).collect();
     let outcomes = s.provider.send(&batch).await;
     assert_eq!(outcomes, vec![DELIVERED; 30], "{:?}", s.server.problems());
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 2, "one renewal");
-    let bearers: HashSet<String> = s.server.seen().into_iter().map(|(b, _)| b).collect();
+    assert_eq!(s.server.token_requests(), 2, "one renewal");
+    let bearers: HashSet<String> = s.server.seen().into_iter().map(|r| r.bearer).collect();
     assert_eq!(bearers, HashSet::from(["ya29.test-1".to_string(), "ya29.test-2".to_string()]));
     // A 401 that persists after the renewal is retried later, not looped on.
-    s.server.state.lock().unwrap().reject_bearers = true;
+    s.server.reject_bearers(true);
     let outcomes = s.provider.send(&[opaque("tok-x", "mx")]).await;
     assert!(matches!(&outcomes[0], Outcome::Retry { reason, .. } if reason.contains("401")), "{outcomes:?}");
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 3, "renewed once more, then given up");
+    assert_eq!(s.server.token_requests(), 3, "renewed once more, then given up");
 }
 
 #[tokio::test]
 async fn token_is_renewed_shortly_before_it_expires() {
     let s = setup().await;
-    s.server.state.lock().unwrap().expires_in = 2;
+    s.server.set_expires_in(2);
     assert_eq!(s.provider.send(&[opaque("tok-0", "m0")]).await, vec![DELIVERED]);
     assert_eq!(s.provider.send(&[opaque("tok-1", "m1")]).await, vec![DELIVERED]);
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(s.server.token_requests(), 1);
     // Renewed once half of a short lifetime is gone (5 minutes before
     // expiry for real, hour-long tokens).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(s.provider.send(&[opaque("tok-2", "m2")]).await, vec![DELIVERED]);
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 2);
+    assert_eq!(s.server.token_requests(), 2);
 }
 
 #[tokio::test]
@@ -389,14 +173,14 @@ async fn errors_are_classified() {
 #[tokio::test]
 async fn a_refused_grant_is_a_retry_and_not_asked_again_per_message() {
     let s = setup().await;
-    s.server.state.lock().unwrap().refuse_grant = true;
+    s.server.refuse_grant(true);
     let batch: Vec<_> = (0..20).map(|i| opaque(&format!("tok-{i}"), &format!("m{i}"))).collect();
     let outcomes = s.provider.send(&batch).await;
     assert!(
         outcomes.iter().all(|o| matches!(o, Outcome::Retry { reason, .. } if reason.contains("token endpoint answered 400"))),
         "{outcomes:?}"
     );
-    assert_eq!(s.server.token_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(s.server.token_requests(), 1);
     assert!(s.server.seen().is_empty());
 }
 

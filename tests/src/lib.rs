@@ -3,18 +3,28 @@
 //! * [`relay`]: run the real binary ([`Relay`], [`RelayConfig`]).
 //! * [`postgres`]: throw-away PostgreSQL databases.
 //! * [`expo`]: [`MockExpo`], a faithful Expo push API server.
+//! * [`apns`]: [`MockApns`], an HTTP/2-over-TLS APNs server checking provider
+//!   JWTs or client certificates per app.
+//! * [`fcm`]: [`MockFcm`], an FCM HTTP v1 server with its OAuth2 token endpoint.
+//! * [`credentials`]: `.p8` keys, service accounts, a test PKI, JWS checks.
 //! * [`webpush`]: our own instance-side sender ([`PushRequest`], [`Vapid`])
 //!   and device-side decryption.
 //! * [`pywebpush`]: an independent sender (the PyPI `pywebpush` package).
 //! * [`AppClient`] / [`Registration`]: the relay's app API.
 
+pub mod apns;
+pub mod credentials;
 pub mod expo;
+pub mod fcm;
 pub mod postgres;
 pub mod pywebpush;
 pub mod relay;
 pub mod webpush;
 
+pub use apns::{apns_token, ApnsAnswer, ApnsApp, ApnsAuth, ApnsRequest, MockApns};
+pub use credentials::{ApnsKey, Pki, ServiceAccount};
 pub use expo::{MockExpo, Received};
+pub use fcm::{fcm_error, FcmAnswer, FcmRequest, MockFcm};
 pub use relay::{expo_provider_toml, free_port, push_relay_bin, run_cli, Relay, RelayConfig};
 pub use webpush::{
     b64decode_any, b64url, decrypt_aes128gcm, decrypt_aesgcm, encrypt_aes128gcm, encrypt_aesgcm,

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use push_relay_providers::{Content, Notification, Provider};
+use push_relay_providers::{Content, Notification, Provider, Urgency};
 use warp::http::{header, HeaderMap, StatusCode};
 use warp::reply::Response;
 
@@ -103,7 +103,7 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
     )
     .map_err(|e| ApiError::bad_request("invalid_encryption", e))?;
     let delivery = webpush::delivery(text(&headers, "ttl"), text(&headers, "urgency"), text(&headers, "topic"));
-    let ttl = delivery.ttl.unwrap_or(app.queue.default_ttl_secs).min(app.queue.max_ttl_secs);
+    let mut ttl = delivery.ttl.unwrap_or(app.queue.default_ttl_secs).min(app.queue.max_ttl_secs);
 
     if let Err(refused) = app.limits.push(&registration.instance, &registration.id) {
         app.metrics.rate_limited.with_label_values(&[refused.limit]).inc();
@@ -122,6 +122,7 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         }
     }
 
+    let body_size = u32::try_from(encrypted.body.len()).unwrap_or(u32::MAX);
     let content = content(&app, &registration, encrypted);
     let now = now_ms();
     let message_id = keys::new_id();
@@ -136,6 +137,29 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         topic: delivery.topic,
         content,
     };
+    // Filter plugins (SPEC §6), after decryption and before anything is
+    // stored. A drop still answers 201: the instance must keep the
+    // subscription; nothing is stored or delivered, and the metrics say so.
+    if let Some(plugins) = app.plugins.as_ref().filter(|p| p.applies_to(&registration.instance)) {
+        let input = plugin_input(&notification, &registration.provider, ttl, body_size);
+        let decision = plugins.filter(&input).await;
+        if let Some((plugin, reason)) = decision.dropped {
+            app.metrics.dropped.with_label_values(&["plugin"]).inc();
+            tracing::debug!(registration = %registration.id, plugin = %plugin, reason = %reason, "push dropped by a plugin");
+            return Ok(created(&app, &registration.id, &message_id, ttl));
+        }
+        // Changes can only make delivery less intrusive.
+        if let Some(urgency) = decision.urgency.map(urgency_from_plugin) {
+            if urgency_rank(urgency) < urgency_rank(notification.urgency) {
+                notification.urgency = urgency;
+            }
+        }
+        if let Some(shorter) = decision.ttl.filter(|t| *t < ttl) {
+            ttl = shorter;
+            notification.ttl = Duration::from_secs(u64::from(ttl));
+        }
+    }
+
     // Opaque bodies too large for the provider are stored for the app to
     // fetch, and the notification only says so (SPEC §5, large bodies).
     let provider = app.providers.get(&registration.provider);
@@ -183,15 +207,70 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         app.dispatcher.wake(&registration.provider);
     }
 
-    Ok(warp::http::Response::builder()
+    Ok(created(&app, &registration.id, &message_id, ttl))
+}
+
+fn created(app: &App, registration: &str, message_id: &str, ttl: u32) -> Response {
+    warp::http::Response::builder()
         .status(StatusCode::CREATED)
         .header(
             header::LOCATION,
-            format!("{}/v1/registrations/{}/messages/{message_id}", app.endpoint_base, registration.id),
+            format!("{}/v1/registrations/{registration}/messages/{message_id}", app.endpoint_base),
         )
         .header("ttl", ttl)
         .body(Vec::new().into())
-        .unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// What a plugin is told. The payload fields are there only in decrypted
+/// mode; the host hands them on only to plugins with `see_payload = true`.
+fn plugin_input(n: &Notification, provider: &str, ttl: u32, body_size: u32) -> push_relay_plugins::Input {
+    use push_relay_plugins::{Input, Payload};
+    Input {
+        instance: n.instance.clone(),
+        registration: n.registration.clone(),
+        provider: provider.to_owned(),
+        urgency: urgency_to_plugin(n.urgency),
+        topic: n.topic.clone(),
+        ttl,
+        body_size,
+        payload: match &n.content {
+            Content::Decrypted { title, body, notification_type, .. } => Some(Payload {
+                title: title.clone(),
+                body: body.clone(),
+                account: n.account.clone(),
+                notification_type: notification_type.clone(),
+            }),
+            _ => None,
+        },
+    }
+}
+
+fn urgency_rank(u: Urgency) -> u8 {
+    match u {
+        Urgency::VeryLow => 0,
+        Urgency::Low => 1,
+        Urgency::Normal => 2,
+        Urgency::High => 3,
+    }
+}
+
+fn urgency_to_plugin(u: Urgency) -> push_relay_plugins::Urgency {
+    match u {
+        Urgency::VeryLow => push_relay_plugins::Urgency::VeryLow,
+        Urgency::Low => push_relay_plugins::Urgency::Low,
+        Urgency::Normal => push_relay_plugins::Urgency::Normal,
+        Urgency::High => push_relay_plugins::Urgency::High,
+    }
+}
+
+fn urgency_from_plugin(u: push_relay_plugins::Urgency) -> Urgency {
+    match u {
+        push_relay_plugins::Urgency::VeryLow => Urgency::VeryLow,
+        push_relay_plugins::Urgency::Low => Urgency::Low,
+        push_relay_plugins::Urgency::Normal => Urgency::Normal,
+        push_relay_plugins::Urgency::High => Urgency::High,
+    }
 }
 
 /// Shortens a decrypted notification's body, then its title, to the

@@ -48,6 +48,8 @@ pub struct App {
     /// Pushes being handled at once; past [`MAX_INFLIGHT_PUSHES`] the relay
     /// is overloaded and answers 503 + Retry-After (SPEC §4).
     pub inflight: tokio::sync::Semaphore,
+    /// The WebAssembly filter plugins (`[[plugins]]`); `None` when none is configured.
+    pub plugins: Option<Arc<push_relay_plugins::PluginHost>>,
 }
 
 /// Pushes handled at once before the relay answers 503 (the store is

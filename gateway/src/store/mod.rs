@@ -227,6 +227,11 @@ pub trait Store: Send + Sync {
     /// Leases up to `limit` of `provider`'s messages due at `now` until `lease_until`.
     async fn claim(&self, provider: &str, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>>;
 
+    /// Keeps claimed messages reserved until `lease_until`: a claimer still
+    /// talking to a slow provider renews its lease so that no other claimer
+    /// sends the same messages meanwhile.
+    async fn extend_lease(&self, ids: &[String], lease_until: Millis) -> Result<()>;
+
     /// Applies dispatch results in one transaction.
     async fn apply(&self, updates: &[Update]) -> Result<()>;
 

@@ -359,6 +359,15 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn extend_lease(&self, ids: &[String], lease_until: Millis) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE queue SET lease_until = $2 WHERE id = ANY($1)", &[&ids, &lease_until])
+            .await
+            .map(|_| ())
+            .map_err(pg)
+    }
+
     async fn apply(&self, updates: &[Update]) -> Result<()> {
         // The frequent updates of a delivered batch (delete the message, note
         // the delivery, remember its receipt) go as one statement each for

@@ -539,6 +539,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn extend_lease(&self, ids: &[String], lease_until: Millis) -> Result<()> {
+        let ids = ids.to_vec();
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("UPDATE queue SET lease_until = ?2 WHERE id = ?1")
+                .map_err(unavailable)?;
+            for id in &ids {
+                stmt.execute(params![id, lease_until]).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn apply(&self, updates: &[Update]) -> Result<()> {
         let updates = updates.to_vec();
         self.write(move |conn| updates.iter().try_for_each(|u| apply_one(conn, u))).await

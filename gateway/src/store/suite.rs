@@ -134,8 +134,11 @@ async fn queue(store: &dyn Store) {
     assert_eq!(ids(&retried), ["q1"]);
     assert_eq!(retried[0].message.attempts, 1);
 
-    // A lease that ran out (its claimer died) makes q3, q4 claimable again.
-    let reclaimed = store.claim("expo", now + 10_001, 10, now + 30_000).await.expect("claim");
+    // A renewed lease keeps q3, q4 reserved past the first lease's end...
+    store.extend_lease(&["q3".to_string(), "q4".to_string()], now + 10_500).await.expect("extend");
+    assert!(store.claim("expo", now + 10_001, 10, now + 30_000).await.expect("claim").is_empty(), "renewed");
+    // ...and a lease that ran out (its claimer died) makes them claimable again.
+    let reclaimed = store.claim("expo", now + 10_501, 10, now + 30_000).await.expect("claim");
     assert_eq!(ids(&reclaimed), ["q3", "q4"]);
     store
         .apply(&[
