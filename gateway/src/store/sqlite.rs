@@ -68,34 +68,40 @@ impl SqliteStore {
     /// it, so checkpoint and truncate the WAL (best effort: readers in
     /// progress can postpone it to SQLite's next checkpoint).
     async fn flush_erasure(&self) {
-        let done = self
-            .read(|conn| {
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0))
-                    .map_err(unavailable)
-            })
-            .await;
-        if !matches!(done, Ok(0)) {
+        let Some(pool) = self.readers.clone() else { return };
+        // The checkpoint may wait for readers: off the async workers.
+        let done = tokio::task::spawn_blocking(move || {
+            let conn = pool.take()?;
+            let done = conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0))
+                .map_err(unavailable);
+            pool.put(conn);
+            done
+        })
+        .await;
+        if !matches!(done, Ok(Ok(0))) {
             tracing::debug!("WAL truncation after a key erasure postponed: {done:?}");
         }
     }
 
     /// Runs `f` on a reader connection (or, in memory, on the writer).
+    ///
+    /// Reads run right on the calling task: they are point lookups on
+    /// cached pages that take microseconds, and WAL never makes them wait
+    /// for the writer, so a hop to a blocking thread would cost more than
+    /// the read itself.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let Some(pool) = self.readers.clone() else {
+        let Some(pool) = &self.readers else {
             return self.write(f).await;
         };
-        tokio::task::spawn_blocking(move || {
-            let conn = pool.take()?;
-            let result = f(&conn);
-            pool.put(conn);
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("reader task failed: {e}")))?
+        let conn = pool.take()?;
+        let result = f(&conn);
+        pool.put(conn);
+        result
     }
 }
 
@@ -129,6 +135,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
     )
         .map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
@@ -151,6 +158,12 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             .map_err(unavailable)?;
     }
     tx.commit().map_err(unavailable)
+}
+
+/// Runs one statement through the connection's prepared-statement cache:
+/// the same few statements run for every push, so each is parsed once.
+fn exec<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -202,14 +215,18 @@ where
     fn run(&mut self, conn: &Connection) {
         let Some(work) = self.work.take() else { return };
         // A savepoint per job: one job's failure leaves the others' writes.
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = exec(conn, "SAVEPOINT job", []) {
             self.result = Some(Err(unavailable(e)));
             return;
         }
         let result = work(conn);
-        let end = if result.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-        self.result = Some(match conn.execute_batch(end) {
-            Ok(()) => result,
+        let end = if result.is_ok() {
+            exec(conn, "RELEASE job", [])
+        } else {
+            exec(conn, "ROLLBACK TO job", []).and_then(|_| exec(conn, "RELEASE job", []))
+        };
+        self.result = Some(match end {
+            Ok(_) => result,
             Err(e) => Err(unavailable(e)),
         });
     }
@@ -233,14 +250,14 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Err(_) => break,
             }
         }
-        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
+        let commit = match exec(&conn, "BEGIN IMMEDIATE", []) {
             Err(e) => Err(e.to_string()),
-            Ok(()) => {
+            Ok(_) => {
                 for job in jobs.iter_mut() {
                     job.run(&conn);
                 }
-                conn.execute_batch("COMMIT").map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
+                exec(&conn, "COMMIT", []).map(|_| ()).map_err(|e| {
+                    let _ = exec(&conn, "ROLLBACK", []);
                     e.to_string()
                 })
             }
@@ -288,7 +305,7 @@ fn purge(conn: &Connection, registration: &str) -> Result<()> {
         "DELETE FROM stored_bodies WHERE registration = ?1",
         "DELETE FROM receipts WHERE registration = ?1",
     ] {
-        conn.execute(sql, params![registration]).map_err(unavailable)?;
+        exec(conn, sql, params![registration]).map_err(unavailable)?;
     }
     Ok(())
 }
@@ -323,22 +340,21 @@ fn message_from_row(row: &Row<'_>) -> Result<QueuedMessage> {
 
 fn apply_one(conn: &Connection, update: &Update) -> Result<()> {
     let result = match update {
-        Update::Delivered { message, registration, at } => conn
-            .execute("DELETE FROM queue WHERE id = ?1", params![message])
+        Update::Delivered { message, registration, at } => exec(conn, "DELETE FROM queue WHERE id = ?1", params![message])
             .and_then(|_| {
-                conn.execute(
+                exec(conn, 
                     "UPDATE registrations SET last_delivery_at = ?2 WHERE id = ?1",
                     params![registration, at],
                 )
             }),
-        Update::Retry { message, attempts, next_attempt_at } => conn.execute(
+        Update::Retry { message, attempts, next_attempt_at } => exec(conn, 
             "UPDATE queue SET attempts = ?2, next_attempt_at = ?3, lease_until = 0 WHERE id = ?1",
             params![message, attempts, next_attempt_at],
         ),
         Update::Drop { message, registration, failed } => {
-            conn.execute("DELETE FROM queue WHERE id = ?1", params![message]).and_then(|_| {
+            exec(conn, "DELETE FROM queue WHERE id = ?1", params![message]).and_then(|_| {
                 if *failed {
-                    conn.execute(
+                    exec(conn, 
                         "UPDATE registrations SET delivery_failures = delivery_failures + 1 WHERE id = ?1",
                         params![registration],
                     )
@@ -348,8 +364,7 @@ fn apply_one(conn: &Connection, update: &Update) -> Result<()> {
             })
         }
         Update::Gone { registration, token } => {
-            let changed = conn
-                .execute(
+            let changed = exec(conn, 
                     "UPDATE registrations SET state = 'gone', delivery_failures = delivery_failures + 1 \
                      WHERE id = ?1 AND token = ?2 AND state <> 'deleted'",
                     params![registration, token],
@@ -357,13 +372,13 @@ fn apply_one(conn: &Connection, update: &Update) -> Result<()> {
                 .map_err(unavailable)?;
             return if changed > 0 { purge(conn, registration) } else { Ok(()) };
         }
-        Update::AddReceipt(r) => conn.execute(
+        Update::AddReceipt(r) => exec(conn, 
             "INSERT OR REPLACE INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
             params![r.id, r.registration, r.token, r.provider, r.check_at, r.checks],
         ),
-        Update::ReceiptDone { id } => conn.execute("DELETE FROM receipts WHERE id = ?1", params![id]),
-        Update::ReceiptLater { id, check_at, checks } => conn.execute(
+        Update::ReceiptDone { id } => exec(conn, "DELETE FROM receipts WHERE id = ?1", params![id]),
+        Update::ReceiptLater { id, check_at, checks } => exec(conn, 
             "UPDATE receipts SET check_at = ?2, checks = ?3, lease_until = 0 WHERE id = ?1",
             params![id, check_at, checks],
         ),
@@ -380,7 +395,7 @@ impl Store for SqliteStore {
     async fn insert_registration(&self, r: &Registration) -> Result<()> {
         let r = r.clone();
         self.write(move |conn| {
-            conn.execute(
+            exec(conn, 
                 &format!("INSERT INTO registrations ({REGISTRATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
                 params![
                     r.id, r.secret_hash, r.provider, r.token, r.instance, r.account, r.p256dh, r.private_key,
@@ -422,7 +437,7 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(unavailable)?
                 .unwrap_or(false);
-            conn.execute(
+            exec(conn, 
                 "UPDATE registrations SET token = ?2, private_key = ?3, auth = ?4, server_key = ?5, \
                  allow_decrypt = ?6, state = ?7, last_seen_at = ?8, unsubscribe_url = ?9, sealed_keys = ?10 WHERE id = ?1",
                 params![r.id, r.token, r.private_key, r.auth, r.server_key, r.allow_decrypt, r.state.as_str(), r.last_seen_at, r.unsubscribe_url, r.sealed_keys],
@@ -443,7 +458,7 @@ impl Store for SqliteStore {
     async fn touch_registration(&self, id: &str, at: Millis) -> Result<()> {
         let id = id.to_string();
         self.write(move |conn| {
-            conn.execute("UPDATE registrations SET last_seen_at = ?2 WHERE id = ?1", params![id, at])
+            exec(conn, "UPDATE registrations SET last_seen_at = ?2 WHERE id = ?1", params![id, at])
                 .map(|_| ())
                 .map_err(unavailable)
         })
@@ -453,7 +468,7 @@ impl Store for SqliteStore {
     async fn set_unsubscribe_url(&self, id: &str, url: &str) -> Result<()> {
         let (id, url) = (id.to_string(), url.to_string());
         self.write(move |conn| {
-            conn.execute("UPDATE registrations SET unsubscribe_url = ?2 WHERE id = ?1", params![id, url])
+            exec(conn, "UPDATE registrations SET unsubscribe_url = ?2 WHERE id = ?1", params![id, url])
                 .map(|_| ())
                 .map_err(unavailable)
         })
@@ -467,14 +482,14 @@ impl Store for SqliteStore {
             if let Some(topic) = &m.topic {
                 // RFC 8030 §5.4: a newer message replaces a queued one with
                 // the same topic; one being delivered right now is left be.
-                conn.execute(
+                exec(conn, 
                     "DELETE FROM queue WHERE registration = ?1 AND topic = ?2 AND lease_until <= ?3",
                     params![m.registration, topic, m.created_at],
                 )
                 .map_err(unavailable)?;
             }
             let (kind, encoding, body_bytes, salt, dh, fields) = content_columns(&m.content);
-            conn.execute(
+            exec(conn, 
                 "INSERT INTO queue (id, registration, created_at, expires_at, urgency, topic, content_kind, encoding, \
                  body, salt, dh, fields, attempts, next_attempt_at, lease_until, provider) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)",
@@ -485,7 +500,7 @@ impl Store for SqliteStore {
             )
             .map_err(unavailable)?;
             if let Some(b) = body {
-                conn.execute(
+                exec(conn, 
                     "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![b.message_id, b.registration, b.encoding.as_str(), b.body, b.salt, b.dh, b.expires_at],
@@ -601,10 +616,9 @@ impl Store for SqliteStore {
 
     async fn expire(&self, now: Millis) -> Result<u64> {
         self.write(move |conn| {
-            let expired = conn
-                .execute("DELETE FROM queue WHERE expires_at <= ?1 AND lease_until <= ?1", params![now])
+            let expired = exec(conn, "DELETE FROM queue WHERE expires_at <= ?1 AND lease_until <= ?1", params![now])
                 .map_err(unavailable)?;
-            conn.execute("DELETE FROM stored_bodies WHERE expires_at <= ?1", params![now])
+            exec(conn, "DELETE FROM stored_bodies WHERE expires_at <= ?1", params![now])
                 .map_err(unavailable)?;
             Ok(expired as u64)
         })

@@ -15,6 +15,7 @@ use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcKey, EcPoint, PointConversionForm};
 use openssl::ecdsa::EcdsaSig;
 use openssl::nid::Nid;
+use openssl::pkey::Public;
 use serde::Deserialize;
 
 use super::{b64, params};
@@ -150,12 +151,7 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str, what: &str) -> Result<T
 /// some old libraries sent, is accepted too) and returns the key as a
 /// 65-byte uncompressed point.
 fn verify_es256(key: &[u8], signed: &[u8], signature: &[u8]) -> Result<Vec<u8>, VapidError> {
-    let group = group()?;
-    let mut ctx = BigNumContext::new().map_err(|e| VapidError(format!("openssl: {e}")))?;
-    let point = EcPoint::from_bytes(group, key, &mut ctx)
-        .map_err(|_| VapidError("VAPID public key is not a P-256 point".into()))?;
-    let ec_key = EcKey::from_public_key(group, &point)
-        .map_err(|_| VapidError("VAPID public key is not a P-256 point".into()))?;
+    let (ec_key, uncompressed) = public_key(key)?;
     let sig = if signature.len() == 64 {
         let r = BigNum::from_slice(&signature[..32]);
         let s = BigNum::from_slice(&signature[32..]);
@@ -171,12 +167,38 @@ fn verify_es256(key: &[u8], signed: &[u8], signature: &[u8]) -> Result<Vec<u8>, 
     };
     let digest = openssl::sha::sha256(signed);
     match sig.verify(&digest, &ec_key) {
-        Ok(true) => {}
-        _ => return fail("VAPID signature does not verify"),
+        Ok(true) => Ok(uncompressed),
+        _ => fail("VAPID signature does not verify"),
     }
-    point
+}
+
+/// Parsed sender keys, by their bytes as sent. An instance signs every push
+/// with the same key, so decoding and validating the point once per key
+/// (not per push) saves work; the signature itself is checked every time.
+type KeyCache = std::sync::Mutex<std::collections::HashMap<Vec<u8>, (EcKey<Public>, Vec<u8>)>>;
+const KEY_CACHE_MAX: usize = 10_000;
+
+fn public_key(key: &[u8]) -> Result<(EcKey<Public>, Vec<u8>), VapidError> {
+    static CACHE: OnceLock<KeyCache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(hit) = cache.lock().ok().and_then(|c| c.get(key).cloned()) {
+        return Ok(hit);
+    }
+    let group = group()?;
+    let mut ctx = BigNumContext::new().map_err(|e| VapidError(format!("openssl: {e}")))?;
+    let not_a_point = || VapidError("VAPID public key is not a P-256 point".into());
+    let point = EcPoint::from_bytes(group, key, &mut ctx).map_err(|_| not_a_point())?;
+    let ec_key = EcKey::from_public_key(group, &point).map_err(|_| not_a_point())?;
+    let uncompressed = point
         .to_bytes(group, PointConversionForm::UNCOMPRESSED, &mut ctx)
-        .map_err(|e| VapidError(format!("openssl: {e}")))
+        .map_err(|e| VapidError(format!("openssl: {e}")))?;
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= KEY_CACHE_MAX {
+            c.clear();
+        }
+        c.insert(key.to_vec(), (ec_key.clone(), uncompressed.clone()));
+    }
+    Ok((ec_key, uncompressed))
 }
 
 /// Normalises a P-256 public key (65-byte uncompressed or 33-byte compressed)
