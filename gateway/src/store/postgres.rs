@@ -7,9 +7,11 @@
 //! delivered, rescheduled, or its claimer died and the lease ran out.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{NoTls, Row};
 
 use super::*;
@@ -19,6 +21,7 @@ const MIGRATION_LOCK: i64 = 0x7075_7368_7265_6c61; // "pushrela"
 
 pub struct PostgresStore {
     pool: Pool,
+    enqueue: mpsc::Sender<EnqueueJob>,
 }
 
 impl PostgresStore {
@@ -31,8 +34,13 @@ impl PostgresStore {
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot build the PostgreSQL pool: {e}")))?;
-        let store = PostgresStore { pool };
+        let (enqueue, jobs) = mpsc::channel(MAX_GROUP * COMMITTERS);
+        let store = PostgresStore { pool, enqueue };
         store.migrate().await?;
+        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+        for _ in 0..COMMITTERS {
+            tokio::spawn(commit_loop(store.pool.clone(), jobs.clone()));
+        }
         Ok(store)
     }
 
@@ -66,6 +74,131 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(pg)
     }
+}
+
+/// Concurrent enqueues waiting to be committed together.
+struct EnqueueJob {
+    message: QueuedMessage,
+    body: Option<StoredBody>,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+/// Most messages committed in one transaction.
+const MAX_GROUP: usize = 512;
+/// Commit loops: while one waits for its commit, another gathers the next group.
+const COMMITTERS: usize = 4;
+
+/// Group commit: each loop takes whatever enqueues are waiting and commits
+/// them in one transaction with one multi-row insert, so a burst of pushes
+/// costs a few commits instead of one each.
+async fn commit_loop(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<EnqueueJob>>>) {
+    loop {
+        let mut group = Vec::new();
+        {
+            let mut jobs = jobs.lock().await;
+            match jobs.recv().await {
+                Some(job) => group.push(job),
+                None => return,
+            }
+            while group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        match insert_group(&pool, &group).await {
+            Ok(()) => {
+                for job in group {
+                    let _ = job.reply.send(Ok(()));
+                }
+            }
+            // One bad message must not fail the others: try each alone.
+            Err(_) if group.len() > 1 => {
+                for job in group {
+                    let result = insert_group(&pool, std::slice::from_ref(&job)).await;
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                for job in group {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
+    let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let tx = client.transaction().await.map_err(pg)?;
+    // Topic replacement (RFC 8030 §5.4): a queued, unclaimed message with the
+    // same registration and topic goes; within the group the last one wins.
+    let mut topics: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, job) in group.iter().enumerate() {
+        if let Some(topic) = &job.message.topic {
+            topics.insert((&job.message.registration, topic), i);
+        }
+    }
+    if !topics.is_empty() {
+        let (registrations, topic_names): (Vec<&str>, Vec<&str>) = topics.keys().copied().unzip();
+        let now = group.iter().map(|j| j.message.created_at).max().unwrap_or(0);
+        tx.execute(
+            "DELETE FROM queue q USING unnest($1::text[], $2::text[]) AS t(registration, topic) \
+             WHERE q.registration = t.registration AND q.topic = t.topic AND q.lease_until <= $3",
+            &[&registrations, &topic_names, &now],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    let kept: Vec<&QueuedMessage> = group
+        .iter()
+        .enumerate()
+        .filter(|(i, job)| match &job.message.topic {
+            Some(topic) => topics.get(&(job.message.registration.as_str(), topic.as_str())) == Some(i),
+            None => true,
+        })
+        .map(|(_, job)| &job.message)
+        .collect();
+    let columns: Vec<ContentColumns> = kept.iter().map(|m| content_columns(&m.content)).collect();
+    let ids: Vec<&str> = kept.iter().map(|m| m.id.as_str()).collect();
+    let registrations: Vec<&str> = kept.iter().map(|m| m.registration.as_str()).collect();
+    let providers: Vec<&str> = kept.iter().map(|m| m.provider.as_str()).collect();
+    let created: Vec<Millis> = kept.iter().map(|m| m.created_at).collect();
+    let expires: Vec<Millis> = kept.iter().map(|m| m.expires_at).collect();
+    let urgencies: Vec<&str> = kept.iter().map(|m| m.urgency.as_str()).collect();
+    let topic_col: Vec<Option<&str>> = kept.iter().map(|m| m.topic.as_deref()).collect();
+    let kinds: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    let encodings: Vec<Option<&str>> = columns.iter().map(|c| c.1).collect();
+    let bodies: Vec<Option<&[u8]>> = columns.iter().map(|c| c.2.as_deref()).collect();
+    let salts: Vec<Option<&[u8]>> = columns.iter().map(|c| c.3.as_deref()).collect();
+    let dhs: Vec<Option<&[u8]>> = columns.iter().map(|c| c.4.as_deref()).collect();
+    let fields: Vec<Option<&str>> = columns.iter().map(|c| c.5.as_deref()).collect();
+    let attempts: Vec<i32> = kept.iter().map(|m| i32::try_from(m.attempts).unwrap_or(i32::MAX)).collect();
+    let next: Vec<Millis> = kept.iter().map(|m| m.next_attempt_at).collect();
+    tx.execute(
+        "INSERT INTO queue (id, registration, provider, created_at, expires_at, urgency, topic, content_kind, \
+         encoding, body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
+         SELECT *, 0 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
+             $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[], $13::text[], \
+             $14::int[], $15::bigint[])",
+        &[
+            &ids, &registrations, &providers, &created, &expires, &urgencies, &topic_col, &kinds, &encodings,
+            &bodies, &salts, &dhs, &fields, &attempts, &next,
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    for b in group.iter().filter_map(|job| job.body.as_ref()) {
+        tx.execute(
+            "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&b.message_id, &b.registration, &b.encoding.as_str(), &b.body, &b.salt, &b.dh, &b.expires_at],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -281,45 +414,11 @@ impl Store for PostgresStore {
     }
 
     async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>) -> Result<()> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        if let Some(topic) = &m.topic {
-            tx.execute(
-                "DELETE FROM queue WHERE registration = $1 AND topic = $2 AND lease_until <= $3",
-                &[&m.registration, topic, &m.created_at],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        let (kind, encoding, body_bytes, salt, dh, fields) = content_columns(&m.content);
-        let attempts = i32::try_from(m.attempts).unwrap_or(i32::MAX);
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO queue (id, registration, created_at, expires_at, urgency, topic, content_kind, encoding, \
-                 body, salt, dh, fields, attempts, next_attempt_at, lease_until, provider) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15)",
-            )
-            .await
-            .map_err(pg)?;
-        tx.execute(
-            &insert,
-            &[
-                &m.id, &m.registration, &m.created_at, &m.expires_at, &m.urgency.as_str(), &m.topic, &kind, &encoding,
-                &body_bytes, &salt, &dh, &fields, &attempts, &m.next_attempt_at, &m.provider,
-            ],
-        )
-        .await
-        .map_err(pg)?;
-        if let Some(b) = body {
-            tx.execute(
-                "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[&b.message_id, &b.registration, &b.encoding.as_str(), &b.body, &b.salt, &b.dh, &b.expires_at],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        tx.commit().await.map_err(pg)
+        let (reply, answer) = oneshot::channel();
+        let job = EnqueueJob { message: m.clone(), body: body.cloned(), reply };
+        let stopped = || StoreError::Unavailable("the PostgreSQL committer has stopped".into());
+        self.enqueue.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn claim(&self, provider: &str, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>> {

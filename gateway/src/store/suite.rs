@@ -178,6 +178,23 @@ async fn topics(store: &dyn Store) {
     let claimed = store.claim("expo", now + 2, 10, now + 5_000).await.expect("claim");
     assert_eq!(ids(&claimed), ["t4"]);
     store.apply(&[Update::Delivered { message: "t4".into(), registration: "reg-t".into(), at: now }]).await.expect("apply");
+
+    // Concurrent pushes with one topic (one group commit): exactly one stays.
+    let (a, b, c) = (
+        message("t5", "reg-t", Some("burst"), now + 3),
+        message("t6", "reg-t", Some("burst"), now + 3),
+        message("t7", "reg-t", None, now + 3),
+    );
+    let (ra, rb, rc) = tokio::join!(store.enqueue(&a, None), store.enqueue(&b, None), store.enqueue(&c, None));
+    (ra.expect("enqueue"), rb.expect("enqueue"), rc.expect("enqueue"));
+    let claimed = ids(&store.claim("expo", now + 3, 10, now + 5_000).await.expect("claim"));
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    assert!(claimed.contains(&"t7".to_string()));
+    let updates: Vec<Update> = claimed
+        .iter()
+        .map(|id| Update::Delivered { message: id.clone(), registration: "reg-t".into(), at: now })
+        .collect();
+    store.apply(&updates).await.expect("apply");
 }
 
 async fn bodies(store: &dyn Store) {
