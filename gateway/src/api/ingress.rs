@@ -150,7 +150,7 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
         }
         // Changes can only make delivery less intrusive.
         if let Some(urgency) = decision.urgency.map(urgency_from_plugin) {
-            if urgency_rank(urgency) < urgency_rank(notification.urgency) {
+            if urgency < notification.urgency {
                 notification.urgency = urgency;
             }
         }
@@ -243,15 +243,6 @@ fn plugin_input(n: &Notification, provider: &str, ttl: u32, body_size: u32) -> p
             }),
             _ => None,
         },
-    }
-}
-
-fn urgency_rank(u: Urgency) -> u8 {
-    match u {
-        Urgency::VeryLow => 0,
-        Urgency::Low => 1,
-        Urgency::Normal => 2,
-        Urgency::High => 3,
     }
 }
 

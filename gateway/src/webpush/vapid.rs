@@ -87,7 +87,7 @@ pub struct Verified {
     pub key: Vec<u8>,
 }
 
-fn group() -> Result<&'static EcGroup, VapidError> {
+pub(super) fn group() -> Result<&'static EcGroup, VapidError> {
     static GROUP: OnceLock<Option<EcGroup>> = OnceLock::new();
     GROUP
         .get_or_init(|| EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).ok())
