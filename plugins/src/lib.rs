@@ -411,16 +411,63 @@ impl PluginHost {
     /// one drops the notification. `payload` is removed from what plugins
     /// without `see_payload` get. Calls run on the plugin threads.
     pub async fn filter(&self, input: &Input) -> Decision {
+        let slots: Vec<Arc<Slot>> =
+            self.slots.iter().filter(|s| s.config.instances.matches(&input.instance)).cloned().collect();
+        if slots.is_empty() {
+            return Decision::default();
+        }
+        // One hop to a plugin thread per push, however many plugins run:
+        // handing a call to a thread and back costs more than a call on a
+        // warm instance, so the whole chain runs there in one job.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shared = self.shared.clone();
+        let job_slots = slots.clone();
+        let job_input = input.clone();
+        let job: Job = Box::new(move || {
+            if tx.is_closed() {
+                return; // the caller gave up waiting
+            }
+            let mut decision = Decision::default();
+            for slot in &job_slots {
+                let report = if slot.config.see_payload {
+                    guarded_call(&shared, slot, &job_input)
+                } else {
+                    guarded_call(&shared, slot, &Input { payload: None, ..job_input.clone() })
+                };
+                if apply(slot, &report, &mut decision, &*shared.options.observer) {
+                    break;
+                }
+            }
+            let _ = tx.send(decision);
+        });
+        let sent = match self.jobs.lock() {
+            Ok(jobs) => jobs.as_ref().is_some_and(|j| j.send(job).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
+            return self.overloaded(&slots, "the plugin threads are stopped");
+        }
+        let wait = slots
+            .iter()
+            .map(|s| Duration::from_millis(s.config.timeout_ms.saturating_mul(4).max(250)))
+            .sum();
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(_)) => self.overloaded(&slots, "the plugin thread dropped the call"),
+            Err(_) => self.overloaded(&slots, "no plugin thread was free in time"),
+        }
+    }
+
+    /// When the chain could not run: every plugin's `on_error` applies.
+    fn overloaded(&self, slots: &[Arc<Slot>], message: &str) -> Decision {
         let mut decision = Decision::default();
-        for slot in &self.slots {
-            if !slot.config.instances.matches(&input.instance) {
-                continue;
-            }
-            let mut seen = input.clone();
-            if !slot.config.see_payload {
-                seen.payload = None;
-            }
-            let report = self.call_async(slot.clone(), seen).await;
+        for slot in slots {
+            let report = CallReport {
+                result: Err(Failure { kind: FailureKind::Overloaded, message: message.to_owned() }),
+                fuel_used: 0,
+                elapsed: Duration::ZERO,
+                logs: Vec::new(),
+            };
             if apply(slot, &report, &mut decision, &*self.shared.options.observer) {
                 break;
             }
@@ -439,37 +486,6 @@ impl PluginHost {
         let mut decision = Decision::default();
         apply(slot, &report, &mut decision, &*self.shared.options.observer);
         Ok(report)
-    }
-
-    async fn call_async(&self, slot: Arc<Slot>, input: Input) -> CallReport {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let shared = self.shared.clone();
-        let wait = Duration::from_millis(slot.config.timeout_ms.saturating_mul(4).max(250));
-        let job_slot = slot.clone();
-        let job: Job = Box::new(move || {
-            if tx.is_closed() {
-                return; // the caller gave up waiting
-            }
-            let _ = tx.send(guarded_call(&shared, &job_slot, &input));
-        });
-        let sent = match self.jobs.lock() {
-            Ok(jobs) => jobs.as_ref().is_some_and(|j| j.send(job).is_ok()),
-            Err(_) => false,
-        };
-        let overloaded = |message: &str| CallReport {
-            result: Err(Failure { kind: FailureKind::Overloaded, message: message.to_owned() }),
-            fuel_used: 0,
-            elapsed: Duration::ZERO,
-            logs: Vec::new(),
-        };
-        if !sent {
-            return overloaded("the plugin threads are stopped");
-        }
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(report)) => report,
-            Ok(Err(_)) => overloaded("the plugin thread dropped the call"),
-            Err(_) => overloaded("no plugin thread was free in time"),
-        }
     }
 
     /// Reloads every plugin whose file content changed since it was loaded
