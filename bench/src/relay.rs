@@ -196,29 +196,12 @@ async fn pg_connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// `url` with its database name replaced by `db`.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
 impl PgDatabase {
     pub async fn create(admin_url: &str) -> Result<PgDatabase> {
         let client = pg_connect(admin_url).await?;
         let name = format!("push_relay_bench_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         client.batch_execute(&format!("CREATE DATABASE {name}")).await.with_context(|| format!("CREATE DATABASE {name}"))?;
-        Ok(PgDatabase { url: with_database(admin_url, &name), name, admin: admin_url.to_string() })
+        Ok(PgDatabase { url: push_relay_e2e::postgres::with_database(admin_url, &name), name, admin: admin_url.to_string() })
     }
 
     pub async fn drop_db(self) {

@@ -26,7 +26,7 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 }
 
 /// Replace the database name in a `postgres://` URL.
-fn with_database(url: &str, db: &str) -> String {
+pub fn with_database(url: &str, db: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
