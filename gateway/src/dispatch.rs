@@ -25,7 +25,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::store::{Claimed, Millis, PendingReceipt, RegistrationState, Store, Update};
+use crate::store::{Claimed, Millis, PendingReceipt, ReceiptTicket, RegistrationState, Store, Update};
 
 /// How often a receipt that was not ready is checked again, and how many
 /// times before giving up on it.
@@ -150,9 +150,11 @@ impl Dispatcher {
             let notifications: Vec<Notification> = chunk.iter().map(|c| notification(c, now)).collect();
             let outcomes = provider.send(&notifications).await;
             let now = now_ms();
+            let mut tickets = Vec::new();
             for (claimed, outcome) in chunk.iter().zip(outcomes.iter().chain(std::iter::repeat(&MISSING))) {
-                self.record(name, provider.as_ref(), claimed, outcome, now, &mut updates);
+                self.record(name, claimed, outcome, now, &mut updates, &mut tickets);
             }
+            updates.extend(receipts_later(name, provider.as_ref(), tickets, now));
         }
         if let Err(e) = self.store.apply(&updates).await {
             // The leases run out and the messages are tried again: delivery
@@ -162,7 +164,15 @@ impl Dispatcher {
     }
 
     /// Turns one provider outcome into store updates and metrics.
-    fn record(&self, name: &str, provider: &dyn Provider, claimed: &Claimed, outcome: &Outcome, now: Millis, updates: &mut Vec<Update>) {
+    fn record(
+        &self,
+        name: &str,
+        claimed: &Claimed,
+        outcome: &Outcome,
+        now: Millis,
+        updates: &mut Vec<Update>,
+        tickets: &mut Vec<ReceiptTicket>,
+    ) {
         let m = &claimed.message;
         self.metrics.deliveries.with_label_values(&[name, outcome.label()]).inc();
         match outcome {
@@ -172,15 +182,12 @@ impl Dispatcher {
                     .with_label_values(&[name])
                     .observe((now - m.created_at).max(0) as f64 / 1000.0);
                 updates.push(Update::Delivered { message: m.id.clone(), registration: m.registration.clone(), at: now });
-                if let (Some(id), Some(delay)) = (receipt, provider.receipt_delay()) {
-                    updates.push(Update::AddReceipt(PendingReceipt {
+                if let Some(id) = receipt {
+                    tickets.push(ReceiptTicket {
                         id: id.clone(),
-                            registration: m.registration.clone(),
+                        registration: m.registration.clone(),
                         token: claimed.token.clone(),
-                        provider: name.to_string(),
-                        check_at: now + delay.as_millis() as Millis,
-                        checks: 0,
-                    }));
+                    });
                 }
             }
             Outcome::Retry { after, reason } => {
@@ -217,16 +224,14 @@ impl Dispatcher {
         let outcome = outcomes.first().unwrap_or(&MISSING);
         self.metrics.deliveries.with_label_values(&[provider_name, outcome.label()]).inc();
         let update = match outcome {
-            Outcome::Delivered { receipt: Some(id) } => provider.receipt_delay().map(|delay| {
-                Update::AddReceipt(PendingReceipt {
+            Outcome::Delivered { receipt: Some(id) } => {
+                let ticket = ReceiptTicket {
                     id: id.clone(),
                     registration: notification.registration.clone(),
                     token: notification.token.clone(),
-                    provider: provider_name.to_string(),
-                    check_at: now_ms() + delay.as_millis() as Millis,
-                    checks: 0,
-                })
-            }),
+                };
+                receipts_later(provider_name, provider.as_ref(), vec![ticket], now_ms())
+            }
             Outcome::Delivered { receipt: None } => None,
             Outcome::Gone { reason } => {
                 tracing::info!(registration = %notification.registration, "device token is gone: {reason}");
@@ -277,28 +282,32 @@ impl Dispatcher {
                 updates.extend(pending.into_iter().map(|r| Update::ReceiptDone { id: r.id }));
                 continue;
             };
-            let receipts: Vec<Receipt> =
-                pending.iter().map(|r| Receipt { id: r.id.clone(), registration: r.registration.clone() }).collect();
-            let outcomes = provider.check_receipts(&receipts).await;
+            // One check for all the tickets due (the provider splits it as it must).
+            let receipts: Vec<Receipt> = pending
+                .iter()
+                .flat_map(|r| &r.tickets)
+                .map(|t| Receipt { id: t.id.clone(), registration: t.registration.clone() })
+                .collect();
+            let mut outcomes = provider.check_receipts(&receipts).await.into_iter().chain(std::iter::repeat(ReceiptOutcome::Pending));
             let now = now_ms();
-            for (r, outcome) in pending.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat(ReceiptOutcome::Pending))) {
-                match outcome {
-                    ReceiptOutcome::Done => updates.push(Update::ReceiptDone { id: r.id }),
-                    ReceiptOutcome::Gone { reason } => {
-                        tracing::info!(registration = %r.registration, provider = %name, "device token is gone (receipt): {reason}");
-                        self.metrics.registrations.with_label_values(&["gone"]).inc();
-                        updates.push(Update::Gone { registration: r.registration.clone(), token: r.token.clone() });
-                        updates.push(Update::ReceiptDone { id: r.id });
+            for batch in pending {
+                let mut left = Vec::new();
+                for ticket in batch.tickets {
+                    match outcomes.next().unwrap_or(ReceiptOutcome::Pending) {
+                        ReceiptOutcome::Done => {}
+                        ReceiptOutcome::Gone { reason } => {
+                            tracing::info!(registration = %ticket.registration, provider = %name, "device token is gone (receipt): {reason}");
+                            self.metrics.registrations.with_label_values(&["gone"]).inc();
+                            updates.push(Update::Gone { registration: ticket.registration, token: ticket.token });
+                        }
+                        ReceiptOutcome::Pending => left.push(ticket),
                     }
-                    ReceiptOutcome::Pending if r.checks + 1 >= RECEIPT_MAX_CHECKS => {
-                        updates.push(Update::ReceiptDone { id: r.id })
-                    }
-                    ReceiptOutcome::Pending => updates.push(Update::ReceiptLater {
-                        id: r.id,
-                        check_at: now + RECEIPT_RECHECK_MS,
-                        checks: r.checks + 1,
-                    }),
                 }
+                updates.push(if left.is_empty() || batch.checks + 1 >= RECEIPT_MAX_CHECKS {
+                    Update::ReceiptDone { id: batch.id }
+                } else {
+                    Update::ReceiptLater { id: batch.id, check_at: now + RECEIPT_RECHECK_MS, checks: batch.checks + 1, tickets: left }
+                });
             }
         }
         updates
@@ -322,6 +331,21 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// The receipts of one provider request, to check after the provider's
+/// receipt delay (nothing when it has no receipts or none came back).
+fn receipts_later(name: &str, provider: &dyn Provider, tickets: Vec<ReceiptTicket>, now: Millis) -> Option<Update> {
+    let delay = provider.receipt_delay()?;
+    (!tickets.is_empty()).then(|| {
+        Update::AddReceipt(PendingReceipt {
+            id: crate::keys::new_id(),
+            provider: name.to_string(),
+            check_at: now + delay.as_millis() as Millis,
+            checks: 0,
+            tickets,
+        })
+    })
 }
 
 /// The outcome used when a provider returned fewer outcomes than

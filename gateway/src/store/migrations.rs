@@ -61,15 +61,13 @@ CREATE INDEX stored_bodies_registration ON stored_bodies (registration);
 CREATE INDEX stored_bodies_expires ON stored_bodies (expires_at);
 CREATE TABLE receipts (
     id           TEXT PRIMARY KEY,
-    registration TEXT NOT NULL,
-    token        TEXT NOT NULL,
     provider     TEXT NOT NULL,
     check_at     INTEGER NOT NULL,
     checks       INTEGER NOT NULL DEFAULT 0,
-    lease_until  INTEGER NOT NULL DEFAULT 0
+    lease_until  INTEGER NOT NULL DEFAULT 0,
+    tickets      TEXT NOT NULL
 );
 CREATE INDEX receipts_due ON receipts (check_at);
-CREATE INDEX receipts_registration ON receipts (registration);
 "#];
 
 /// PostgreSQL migrations, in step with [`SQLITE`].
@@ -128,15 +126,13 @@ CREATE INDEX stored_bodies_registration ON stored_bodies (registration);
 CREATE INDEX stored_bodies_expires ON stored_bodies (expires_at);
 CREATE TABLE receipts (
     id           TEXT PRIMARY KEY,
-    registration TEXT NOT NULL,
-    token        TEXT NOT NULL,
     provider     TEXT NOT NULL,
     check_at     BIGINT NOT NULL,
     checks       INTEGER NOT NULL DEFAULT 0,
-    lease_until  BIGINT NOT NULL DEFAULT 0
+    lease_until  BIGINT NOT NULL DEFAULT 0,
+    tickets      TEXT NOT NULL
 );
 CREATE INDEX receipts_due ON receipts (check_at);
-CREATE INDEX receipts_registration ON receipts (registration);
 "#];
 
 #[cfg(test)]

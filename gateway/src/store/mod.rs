@@ -158,18 +158,36 @@ pub struct Claimed {
     pub state: RegistrationState,
 }
 
-/// A provider receipt to check later.
+/// Provider receipts to check later: the tickets of one provider request,
+/// kept as one row (one write per request instead of one per message).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingReceipt {
+    pub id: String,
+    pub provider: String,
+    pub check_at: Millis,
+    /// How many times it was checked and found not ready.
+    pub checks: u32,
+    pub tickets: Vec<ReceiptTicket>,
+}
+
+/// One message's receipt handle.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReceiptTicket {
+    /// The provider's ticket id.
     pub id: String,
     pub registration: String,
     /// The device token the message went to: a receipt saying it is dead
     /// must not kill a registration whose token was rotated since.
     pub token: String,
-    pub provider: String,
-    pub check_at: Millis,
-    /// How many times it was checked and found not ready.
-    pub checks: u32,
+}
+
+fn tickets_json(tickets: &[ReceiptTicket]) -> String {
+    // Serializing plain strings cannot fail.
+    serde_json::to_string(tickets).unwrap_or_default()
+}
+
+fn tickets_from_json(json: &str) -> Result<Vec<ReceiptTicket>> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("receipt tickets: {e}")))
 }
 
 /// One change that dispatch makes after talking to a provider. Applied in
@@ -191,8 +209,8 @@ pub enum Update {
     AddReceipt(PendingReceipt),
     /// A receipt was checked and needs nothing more.
     ReceiptDone { id: String },
-    /// A receipt was not ready: check again at `check_at`.
-    ReceiptLater { id: String, check_at: Millis, checks: u32 },
+    /// Some receipts were not ready: check `tickets` (those left) again at `check_at`.
+    ReceiptLater { id: String, check_at: Millis, checks: u32, tickets: Vec<ReceiptTicket> },
 }
 
 /// Queue depth and the age of its oldest message, for metrics.

@@ -268,7 +268,6 @@ async fn purge(client: &impl GenericClient, registration: &str) -> Result<()> {
     for sql in [
         "DELETE FROM queue WHERE registration = $1",
         "DELETE FROM stored_bodies WHERE registration = $1",
-        "DELETE FROM receipts WHERE registration = $1",
     ] {
         client.execute(sql, &[&registration]).await.map_err(pg)?;
     }
@@ -323,9 +322,9 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
             let checks = i32::try_from(r.checks).unwrap_or(i32::MAX);
             client
                 .execute(
-                    "INSERT INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 0) ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-                    &[&r.id, &r.registration, &r.token, &r.provider, &r.check_at, &checks],
+                    "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
+                     VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+                    &[&r.id, &r.provider, &r.check_at, &checks, &tickets_json(&r.tickets)],
                 )
                 .await
                 .map_err(pg)?;
@@ -333,12 +332,12 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
         Update::ReceiptDone { id } => {
             client.execute("DELETE FROM receipts WHERE id = $1", &[id]).await.map_err(pg)?;
         }
-        Update::ReceiptLater { id, check_at, checks } => {
+        Update::ReceiptLater { id, check_at, checks, tickets } => {
             let checks = i32::try_from(*checks).unwrap_or(i32::MAX);
             client
                 .execute(
-                    "UPDATE receipts SET check_at = $2, checks = $3, lease_until = 0 WHERE id = $1",
-                    &[id, check_at, &checks],
+                    "UPDATE receipts SET check_at = $2, checks = $3, tickets = $4, lease_until = 0 WHERE id = $1",
+                    &[id, check_at, &checks, &tickets_json(tickets)],
                 )
                 .await
                 .map_err(pg)?;
@@ -522,18 +521,17 @@ impl Store for PostgresStore {
         }
         if !receipts.is_empty() {
             let ids: Vec<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
-            let registrations: Vec<&str> = receipts.iter().map(|r| r.registration.as_str()).collect();
-            let tokens: Vec<&str> = receipts.iter().map(|r| r.token.as_str()).collect();
+            let tickets: Vec<String> = receipts.iter().map(|r| tickets_json(&r.tickets)).collect();
             let providers: Vec<&str> = receipts.iter().map(|r| r.provider.as_str()).collect();
             let check_at: Vec<Millis> = receipts.iter().map(|r| r.check_at).collect();
             let checks: Vec<i32> = receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect();
             tx.execute(
-                "INSERT INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
-                 SELECT id, registration, token, provider, check_at, checks, 0 \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::int[]) \
-                     AS r(id, registration, token, provider, check_at, checks) \
+                "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
+                 SELECT id, provider, check_at, checks, 0, tickets \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[]) \
+                     AS r(id, provider, check_at, checks, tickets) \
                  ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-                &[&ids, &registrations, &tokens, &providers, &check_at, &checks],
+                &[&ids, &providers, &check_at, &checks, &tickets],
             )
             .await
             .map_err(pg)?;
@@ -593,20 +591,20 @@ impl Store for PostgresStore {
                      SELECT id FROM receipts WHERE check_at <= $1 AND lease_until <= $1 \
                      ORDER BY check_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  UPDATE receipts r SET lease_until = $3 FROM due WHERE r.id = due.id \
-                 RETURNING r.id, r.registration, r.token, r.provider, r.check_at, r.checks",
+                 RETURNING r.id, r.provider, r.check_at, r.checks, r.tickets",
                 &[&now, &limit, &lease_until],
             )
             .await
             .map_err(pg)?;
         rows.iter()
             .map(|row| {
-                let checks: i32 = row.try_get(5).map_err(corrupt)?;
+                let checks: i32 = row.try_get(3).map_err(corrupt)?;
+                let tickets: String = row.try_get(4).map_err(corrupt)?;
                 Ok(PendingReceipt {
                     id: row.try_get(0).map_err(corrupt)?,
-                    registration: row.try_get(1).map_err(corrupt)?,
-                    token: row.try_get(2).map_err(corrupt)?,
-                    provider: row.try_get(3).map_err(corrupt)?,
-                    check_at: row.try_get(4).map_err(corrupt)?,
+                    provider: row.try_get(1).map_err(corrupt)?,
+                    check_at: row.try_get(2).map_err(corrupt)?,
+                    tickets: tickets_from_json(&tickets)?,
                     checks: checks.max(0) as u32,
                 })
             })

@@ -303,7 +303,6 @@ fn purge(conn: &Connection, registration: &str) -> Result<()> {
     for sql in [
         "DELETE FROM queue WHERE registration = ?1",
         "DELETE FROM stored_bodies WHERE registration = ?1",
-        "DELETE FROM receipts WHERE registration = ?1",
     ] {
         exec(conn, sql, params![registration]).map_err(unavailable)?;
     }
@@ -373,14 +372,14 @@ fn apply_one(conn: &Connection, update: &Update) -> Result<()> {
             return if changed > 0 { purge(conn, registration) } else { Ok(()) };
         }
         Update::AddReceipt(r) => exec(conn, 
-            "INSERT OR REPLACE INTO receipts (id, registration, token, provider, check_at, checks, lease_until) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
-            params![r.id, r.registration, r.token, r.provider, r.check_at, r.checks],
+            "INSERT OR REPLACE INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
+             VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+            params![r.id, r.provider, r.check_at, r.checks, tickets_json(&r.tickets)],
         ),
         Update::ReceiptDone { id } => exec(conn, "DELETE FROM receipts WHERE id = ?1", params![id]),
-        Update::ReceiptLater { id, check_at, checks } => exec(conn, 
-            "UPDATE receipts SET check_at = ?2, checks = ?3, lease_until = 0 WHERE id = ?1",
-            params![id, check_at, checks],
+        Update::ReceiptLater { id, check_at, checks, tickets } => exec(conn, 
+            "UPDATE receipts SET check_at = ?2, checks = ?3, tickets = ?4, lease_until = 0 WHERE id = ?1",
+            params![id, check_at, checks, tickets_json(tickets)],
         ),
     };
     result.map(|_| ()).map_err(unavailable)
@@ -631,22 +630,26 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "UPDATE receipts SET lease_until = ?3 WHERE id IN \
                      (SELECT id FROM receipts WHERE check_at <= ?1 AND lease_until <= ?1 ORDER BY check_at LIMIT ?2) \
-                     RETURNING id, registration, token, provider, check_at, checks",
+                     RETURNING id, provider, check_at, checks, tickets",
                 )
                 .map_err(unavailable)?;
             let rows = stmt
                 .query_map(params![now, limit as i64, lease_until], |row| {
-                    Ok(PendingReceipt {
-                        id: row.get(0)?,
-                        registration: row.get(1)?,
-                        token: row.get(2)?,
-                        provider: row.get(3)?,
-                        check_at: row.get(4)?,
-                        checks: row.get(5)?,
-                    })
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Millis>(2)?,
+                        row.get::<_, u32>(3)?,
+                        row.get::<_, String>(4)?,
+                    ))
                 })
                 .map_err(unavailable)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(unavailable)
+            let rows = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(id, provider, check_at, checks, tickets)| {
+                    Ok(PendingReceipt { id, provider, check_at, checks, tickets: tickets_from_json(&tickets)? })
+                })
+                .collect()
         })
         .await
     }

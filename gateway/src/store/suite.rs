@@ -262,28 +262,42 @@ async fn gone_and_deleted(store: &dyn Store) {
 
 async fn receipts(store: &dyn Store) {
     let now = 500_000;
-    let receipt = |id: &str, at| PendingReceipt {
+    let ticket = |id: &str| ReceiptTicket {
         id: id.into(),
         registration: "reg-q".into(),
         token: "ExponentPushToken[reg-q]".into(),
+    };
+    let batch = |id: &str, at, tickets: Vec<ReceiptTicket>| PendingReceipt {
+        id: id.into(),
         provider: "expo".into(),
         check_at: at,
         checks: 0,
+        tickets,
     };
+    let first = batch("b1", now, vec![ticket("t1"), ticket("t2")]);
+    let second = batch("b2", now + 10_000, vec![ticket("t3")]);
     store
-        .apply(&[Update::AddReceipt(receipt("r1", now)), Update::AddReceipt(receipt("r2", now + 10_000))])
+        .apply(&[Update::AddReceipt(first.clone()), Update::AddReceipt(second.clone())])
         .await
         .expect("apply");
     let due = store.claim_receipts(now, 10, now + 1_000).await.expect("claim");
-    assert_eq!(due, vec![receipt("r1", now)]);
+    assert_eq!(due, vec![first]);
     assert!(store.claim_receipts(now, 10, now + 1_000).await.expect("claim").is_empty(), "leased");
-    store.apply(&[Update::ReceiptLater { id: "r1".into(), check_at: now + 20_000, checks: 1 }]).await.expect("apply");
-    let due = store.claim_receipts(now + 20_000, 10, now + 21_000).await.expect("claim");
-    let mut got: Vec<(String, u32)> = due.iter().map(|r| (r.id.clone(), r.checks)).collect();
-    got.sort();
-    assert_eq!(got, [("r1".to_string(), 1), ("r2".to_string(), 0)]);
+    // t1 was answered; t2 is checked again later.
     store
-        .apply(&[Update::ReceiptDone { id: "r1".into() }, Update::ReceiptDone { id: "r2".into() }])
+        .apply(&[Update::ReceiptLater { id: "b1".into(), check_at: now + 20_000, checks: 1, tickets: vec![ticket("t2")] }])
+        .await
+        .expect("apply");
+    let due = store.claim_receipts(now + 20_000, 10, now + 21_000).await.expect("claim");
+    let mut got: Vec<(String, u32, Vec<String>)> =
+        due.iter().map(|r| (r.id.clone(), r.checks, r.tickets.iter().map(|t| t.id.clone()).collect())).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [("b1".to_string(), 1, vec!["t2".to_string()]), ("b2".to_string(), 0, vec!["t3".to_string()])]
+    );
+    store
+        .apply(&[Update::ReceiptDone { id: "b1".into() }, Update::ReceiptDone { id: "b2".into() }])
         .await
         .expect("apply");
     assert!(store.claim_receipts(now + 100_000, 10, now + 200_000).await.expect("claim").is_empty());
