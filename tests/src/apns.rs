@@ -266,22 +266,19 @@ impl MockApns {
 
     /// Wait until `token` got `count` answers of 200; returns them.
     pub async fn wait_delivered(&self, token: &str, count: usize, timeout: Duration) -> Vec<ApnsRequest> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.delivered_to(token);
-            if got.len() >= count {
-                return got;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "mock APNs: {} of {count} deliveries to {token} within {timeout:?}; requests for it: {:#?}; problems: {:?}",
-                    got.len(),
+        crate::poll_until(
+            timeout,
+            || Some(self.delivered_to(token)).filter(|got| got.len() >= count),
+            || {
+                format!(
+                    "mock APNs: {} of {count} deliveries to {token}; requests for it: {:#?}; problems: {:?}",
+                    self.delivered_to(token).len(),
                     self.seen_for(token).iter().map(|r| (r.status, &r.body)).collect::<Vec<_>>(),
                     self.problems()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                )
+            },
+        )
+        .await
     }
 
     /// Wait until `count` requests in all were answered 200.

@@ -174,21 +174,19 @@ impl MockExpo {
     }
 
     async fn wait_until(&self, timeout: Duration, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let msgs = self.messages();
-            if done(&msgs) {
-                return msgs;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "MockExpo: timed out after {timeout:?} waiting for {what}; got {} messages: {:#?}",
+        crate::poll_until(
+            timeout,
+            || Some(self.messages()).filter(|msgs| done(msgs)),
+            || {
+                let msgs = self.messages();
+                format!(
+                    "MockExpo: waiting for {what}; got {} messages: {:#?}",
                     msgs.len(),
                     msgs.iter().map(|m| (&m.token, &m.message)).collect::<Vec<_>>()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+                )
+            },
+        )
+        .await
     }
 
     /// Number of messages per successfully answered (200) send request.

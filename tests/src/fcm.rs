@@ -226,22 +226,19 @@ impl MockFcm {
 
     /// Wait until `token` got `count` answers of 200; returns them.
     pub async fn wait_delivered(&self, token: &str, count: usize, timeout: Duration) -> Vec<FcmRequest> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.delivered_to(token);
-            if got.len() >= count {
-                return got;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "mock FCM: {} of {count} deliveries to {token} within {timeout:?}; messages to it: {:#?}; problems: {:?}",
-                    got.len(),
+        crate::poll_until(
+            timeout,
+            || Some(self.delivered_to(token)).filter(|got| got.len() >= count),
+            || {
+                format!(
+                    "mock FCM: {} of {count} deliveries to {token}; messages to it: {:#?}; problems: {:?}",
+                    self.delivered_to(token).len(),
                     self.seen_for(token).iter().map(|r| (r.status, &r.message)).collect::<Vec<_>>(),
                     self.problems()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                )
+            },
+        )
+        .await
     }
 }
 

@@ -260,3 +260,22 @@ impl Registration {
         PushRequest::new(&self.endpoint, style, vapid, &self.p256dh, &self.auth)
     }
 }
+
+/// Polls `probe` every 20 ms until it returns `Some`; after `timeout`, panics
+/// with what `explain` says (what was expected and what was seen).
+pub async fn poll_until<T>(
+    timeout: std::time::Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    explain: impl FnOnce() -> String,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(done) = probe() {
+            return done;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?}: {}", explain());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
