@@ -279,3 +279,19 @@ pub async fn poll_until<T>(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Sum of the Prometheus samples of `name` whose labels include all of
+/// `labels` (0 when none), from a `/metrics` text.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+                return None;
+            }
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}

@@ -8,6 +8,7 @@
 //!
 //! Build the binary first: `cargo build -p push-relay`.
 
+use push_relay_e2e::metric_sum as metric;
 use push_relay_e2e::webpush::parse_aesgcm_headers;
 use push_relay_e2e::*;
 use serde_json::{json, Value};
@@ -103,20 +104,6 @@ async fn register(app: &AppClient, token: &str, vapid: &Vapid, allow_decrypt: bo
     reg
 }
 
-/// Sum of the samples of `name` whose labels include all of `labels` (0 when none).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            if n != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
-                return None;
-            }
-            value.trim().parse::<f64>().ok()
-        })
-        .sum()
-}
 
 /// Decrypt the opaque `data` of an Expo message with the registration's keys.
 fn open(reg: &Registration, data: &Value) -> Vec<u8> {

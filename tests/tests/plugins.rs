@@ -5,6 +5,7 @@
 //!
 //! Build the binary first: `cargo build -p push-relay`.
 
+use push_relay_e2e::metric_sum as metric;
 use push_relay_e2e::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -24,20 +25,6 @@ fn wasm(name: &str) -> PathBuf {
     push_relay_plugins::guest::wasm(name)
 }
 
-/// Sum of the samples of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            if n != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
-                return None;
-            }
-            value.trim().parse::<f64>().ok()
-        })
-        .sum()
-}
 
 /// A Mastodon-shaped payload with this title and body.
 fn payload(title: &str, body: &str) -> String {
