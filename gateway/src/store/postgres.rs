@@ -274,15 +274,9 @@ async fn purge(client: &impl GenericClient, registration: &str) -> Result<()> {
     Ok(())
 }
 
+/// The rare updates, one statement each (the frequent ones go in bulk, see `apply`).
 async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
     match update {
-        Update::Delivered { message, registration, at } => {
-            client.execute("DELETE FROM queue WHERE id = $1", &[message]).await.map_err(pg)?;
-            client
-                .execute("UPDATE registrations SET last_delivery_at = $2 WHERE id = $1", &[registration, at])
-                .await
-                .map_err(pg)?;
-        }
         Update::Retry { message, attempts, next_attempt_at } => {
             let attempts = i32::try_from(*attempts).unwrap_or(i32::MAX);
             client
@@ -292,18 +286,6 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
                 )
                 .await
                 .map_err(pg)?;
-        }
-        Update::Drop { message, registration, failed } => {
-            client.execute("DELETE FROM queue WHERE id = $1", &[message]).await.map_err(pg)?;
-            if *failed {
-                client
-                    .execute(
-                        "UPDATE registrations SET delivery_failures = delivery_failures + 1 WHERE id = $1",
-                        &[registration],
-                    )
-                    .await
-                    .map_err(pg)?;
-            }
         }
         Update::Gone { registration, token } => {
             let changed = client
@@ -318,20 +300,6 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
                 purge(client, registration).await?;
             }
         }
-        Update::AddReceipt(r) => {
-            let checks = i32::try_from(r.checks).unwrap_or(i32::MAX);
-            client
-                .execute(
-                    "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
-                     VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-                    &[&r.id, &r.provider, &r.check_at, &checks, &tickets_json(&r.tickets)],
-                )
-                .await
-                .map_err(pg)?;
-        }
-        Update::ReceiptDone { id } => {
-            client.execute("DELETE FROM receipts WHERE id = $1", &[id]).await.map_err(pg)?;
-        }
         Update::ReceiptLater { id, check_at, checks, tickets } => {
             let checks = i32::try_from(*checks).unwrap_or(i32::MAX);
             client
@@ -342,6 +310,8 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
                 .await
                 .map_err(pg)?;
         }
+        // Applied in bulk by `apply`, one statement per kind for the whole batch.
+        Update::Delivered { .. } | Update::Drop { .. } | Update::AddReceipt(_) | Update::ReceiptDone { .. } => {}
     }
     Ok(())
 }
