@@ -15,14 +15,22 @@
 //! Each provider has its own workers, which claim only that provider's
 //! messages: a slow or failing provider (an outage, bad credentials) never
 //! holds up the others.
+//!
+//! A fresh push does not wait for a claim: ingress queues it already leased
+//! to its own process and hands it to the provider's workers through a
+//! bounded in-memory lane, so the hot path costs the store one insert and
+//! one delete, and no claim. The row is the durable copy: if the process
+//! dies, the lease runs out and any claimer delivers it. When the lane is
+//! full (the workers are behind) a push is queued unleased and waits for a
+//! claim like a retry does.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use push_relay_providers::{Notification, Outcome, Provider, Receipt, ReceiptOutcome};
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::metrics::Metrics;
 use crate::store::{Claimed, Millis, PendingReceipt, ReceiptTicket, RegistrationState, Store, Update};
@@ -46,8 +54,76 @@ pub struct Dispatcher {
     providers: HashMap<String, Arc<dyn Provider>>,
     metrics: Arc<Metrics>,
     queue: push_relay_config::Queue,
-    /// One wake-up per provider, signalled when a message for it is queued.
-    wake: HashMap<String, Notify>,
+    /// One lane per provider: its wake-up and its hand-off from ingress.
+    lanes: HashMap<String, Arc<Lane>>,
+}
+
+/// A fresh message handed from ingress to a worker, with the end of the
+/// lease it was queued under.
+struct Handed {
+    claimed: Claimed,
+    lease_until: Millis,
+}
+
+/// A provider's workers' inbox.
+struct Lane {
+    /// Signalled when a message for the provider is queued or handed over.
+    wake: Notify,
+    sender: mpsc::Sender<Handed>,
+    /// Shared by the provider's workers; held only to take what is waiting.
+    inbox: Mutex<mpsc::Receiver<Handed>>,
+}
+
+impl Lane {
+    fn new(capacity: usize) -> Lane {
+        let (sender, inbox) = mpsc::channel(capacity.max(1));
+        Lane { wake: Notify::new(), sender, inbox: Mutex::new(inbox) }
+    }
+
+    /// Takes up to `max` handed messages whose lease lasts past
+    /// `lease_at_least`. One that waited too long in the lane is skipped: a
+    /// claimer may take it once its lease ends, and sending it from here as
+    /// well could deliver it twice. It is delivered from the store instead.
+    fn take(&self, max: usize, lease_at_least: Millis) -> Vec<Claimed> {
+        let mut taken = Vec::new();
+        // A poisoned lock only means another worker panicked while taking:
+        // the channel itself is intact.
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        while taken.len() < max {
+            match inbox.try_recv() {
+                Ok(handed) if handed.lease_until >= lease_at_least => taken.push(handed.claimed),
+                Ok(stale) => tracing::debug!(message = %stale.claimed.message.id, "handed-off message left to a claim: its lease is running out"),
+                Err(_) => break,
+            }
+        }
+        taken
+    }
+
+    /// Everything still waiting, for [`Dispatcher::release_handoffs`].
+    fn drain(&self) -> Vec<String> {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        std::iter::from_fn(|| inbox.try_recv().ok()).map(|h| h.claimed.message.id).collect()
+    }
+}
+
+/// A place in a provider's lane, taken before the message is queued.
+pub struct Reservation {
+    permit: mpsc::OwnedPermit<Handed>,
+    lane: Arc<Lane>,
+    lease_until: Millis,
+}
+
+impl Reservation {
+    /// The lease to queue the message under.
+    pub fn lease_until(&self) -> Millis {
+        self.lease_until
+    }
+
+    /// Hands the queued message to a worker.
+    pub fn hand_off(self, claimed: Claimed) {
+        self.permit.send(Handed { claimed, lease_until: self.lease_until });
+        self.lane.wake.notify_one();
+    }
 }
 
 impl Dispatcher {
@@ -57,8 +133,10 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         queue: push_relay_config::Queue,
     ) -> Arc<Dispatcher> {
-        let wake = providers.keys().map(|name| (name.clone(), Notify::new())).collect();
-        Arc::new(Dispatcher { store, providers, metrics, queue, wake })
+        // Room for what all of a provider's workers take in one round.
+        let capacity = queue.workers.saturating_mul(queue.batch_size);
+        let lanes = providers.keys().map(|name| (name.clone(), Arc::new(Lane::new(capacity)))).collect();
+        Arc::new(Dispatcher { store, providers, metrics, queue, lanes })
     }
 
     /// Starts the delivery workers, the receipt checker and housekeeping.
@@ -77,36 +155,78 @@ impl Dispatcher {
 
     /// Tells an idle worker of `provider` that a message was queued.
     pub fn wake(&self, provider: &str) {
-        if let Some(notify) = self.wake.get(provider) {
-            notify.notify_one();
+        if let Some(lane) = self.lanes.get(provider) {
+            lane.wake.notify_one();
         }
+    }
+
+    /// A place in `provider`'s lane for a message about to be queued, with
+    /// the lease to queue it under; `None` when the lane is full.
+    pub fn reserve(&self, provider: &str) -> Option<Reservation> {
+        let lane = self.lanes.get(provider)?;
+        let permit = lane.sender.clone().try_reserve_owned().ok()?;
+        let lease_until = now_ms() + self.lease_ms();
+        Some(Reservation { permit, lane: lane.clone(), lease_until })
+    }
+
+    /// At shutdown: gives the messages still waiting in the lanes back to
+    /// the queue at once, instead of when their leases run out (which would
+    /// hold them back from the other processes sharing the store).
+    pub async fn release_handoffs(&self) {
+        let ids: Vec<String> = self.lanes.values().flat_map(|lane| lane.drain()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        match self.store.extend_lease(&ids, 0).await {
+            Ok(()) => tracing::info!("{} queued messages released for other processes", ids.len()),
+            Err(e) => tracing::warn!("cannot release {} queued messages (they return when their lease ends): {e}", ids.len()),
+        }
+    }
+
+    fn lease_ms(&self) -> Millis {
+        i64::from(self.queue.lease_secs) * 1000
     }
 
     fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.queue.poll_interval_ms)
     }
 
+    /// A worker: delivers what ingress hands over and, when there is none
+    /// or a poll interval has passed, what the store has due (retries,
+    /// messages of a dead process, pushes that found the lane full).
     async fn work(&self, provider: &str) {
-        let Some(wake) = self.wake.get(provider) else { return };
+        let Some(lane) = self.lanes.get(provider) else { return };
+        let mut last_claim: Option<Instant> = None;
         loop {
             let now = now_ms();
-            let lease_until = now + i64::from(self.queue.lease_secs) * 1000;
-            match self.store.claim(provider, now, self.queue.batch_size, lease_until).await {
-                Ok(batch) if !batch.is_empty() => {
-                    let ids: Vec<String> = batch.iter().map(|c| c.message.id.clone()).collect();
-                    tokio::select! {
-                        _ = self.deliver(provider, batch) => {}
-                        _ = self.renew_lease(&ids) => {}
+            let lease_until = now + self.lease_ms();
+            // A handed message is sent only with at least half its lease
+            // left: the first renewal comes a third of a lease in.
+            let mut batch = lane.take(self.queue.batch_size, now + self.lease_ms() / 2);
+            let room = self.queue.batch_size.saturating_sub(batch.len());
+            let claim_due = batch.is_empty() || last_claim.is_none_or(|at| at.elapsed() >= self.poll_interval());
+            let mut failed = false;
+            if room > 0 && claim_due {
+                last_claim = Some(Instant::now());
+                match self.store.claim(provider, now, room, lease_until).await {
+                    Ok(claimed) => batch.extend(claimed),
+                    Err(e) => {
+                        tracing::warn!(provider, "cannot claim messages: {e}");
+                        failed = true;
                     }
-                    // More may be due: go on without waiting.
                 }
-                Ok(_) => {
-                    let _ = tokio::time::timeout(self.poll_interval(), wake.notified()).await;
+            }
+            if !batch.is_empty() {
+                let ids: Vec<String> = batch.iter().map(|c| c.message.id.clone()).collect();
+                tokio::select! {
+                    _ = self.deliver(provider, batch) => {}
+                    _ = self.renew_lease(&ids) => {}
                 }
-                Err(e) => {
-                    tracing::warn!(provider, "cannot claim messages: {e}");
-                    tokio::time::sleep(self.poll_interval()).await;
-                }
+                // More may be due: go on without waiting.
+            } else if failed {
+                tokio::time::sleep(self.poll_interval()).await;
+            } else {
+                let _ = tokio::time::timeout(self.poll_interval(), lane.wake.notified()).await;
             }
         }
     }
@@ -382,6 +502,44 @@ pub fn backoff(queue: &push_relay_config::Queue, attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claimed(id: &str) -> Claimed {
+        Claimed {
+            message: crate::store::suite::message(id, "reg", None, 1_000),
+            provider: "expo".into(),
+            token: "ExponentPushToken[x]".into(),
+            instance: "mastodon.social".into(),
+            account: None,
+            state: RegistrationState::Active,
+        }
+    }
+
+    #[test]
+    fn lane_holds_its_capacity_and_leaves_stale_messages_to_claims() {
+        let lane = Lane::new(3);
+        for (id, lease_until) in [("a", 10_000), ("b", 4_000), ("c", 10_000)] {
+            let permit = lane.sender.clone().try_reserve_owned().expect("room");
+            permit.send(Handed { claimed: claimed(id), lease_until });
+        }
+        assert!(lane.sender.clone().try_reserve_owned().is_err(), "full at its capacity");
+        // "b" waited until less than the required lease was left: skipped.
+        let taken: Vec<String> = lane.take(10, 5_000).into_iter().map(|c| c.message.id).collect();
+        assert_eq!(taken, ["a", "c"]);
+        assert!(lane.sender.clone().try_reserve_owned().is_ok(), "room again");
+        assert!(lane.take(10, 0).is_empty());
+    }
+
+    #[test]
+    fn lane_takes_at_most_a_batch_and_drains_the_rest() {
+        let lane = Lane::new(10);
+        for i in 0..5 {
+            let permit = lane.sender.clone().try_reserve_owned().expect("room");
+            permit.send(Handed { claimed: claimed(&format!("m{i}")), lease_until: 10_000 });
+        }
+        assert_eq!(lane.take(2, 0).len(), 2);
+        assert_eq!(lane.drain(), ["m2", "m3", "m4"]);
+        assert!(lane.take(10, 0).is_empty());
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

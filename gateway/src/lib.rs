@@ -59,7 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         providers,
         limits: limits::Limits::new(&config.limits),
         metrics,
-        dispatcher,
+        dispatcher: dispatcher.clone(),
         endpoint_base,
         origin,
         queue: config.queue.clone(),
@@ -90,6 +90,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "push-relay is listening"
     );
     warp::serve(api::routes(app)).incoming(listener).graceful(shutdown_signal()).run().await;
+    dispatcher.release_handoffs().await;
     tracing::info!("push-relay stopped");
     Ok(())
 }

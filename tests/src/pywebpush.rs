@@ -90,23 +90,18 @@ pub async fn send_with_headers(
 ) -> (u16, Value) {
     let script = script_path();
     let mut cmd = tokio::process::Command::new(python());
+    // `--name=value`: a base64url value may begin with `-`, which argparse
+    // would otherwise take for an option.
     cmd.arg(&script)
-        .arg("--endpoint")
-        .arg(endpoint)
-        .arg("--p256dh")
-        .arg(p256dh)
-        .arg("--auth")
-        .arg(auth)
-        .arg("--payload")
-        .arg(payload)
-        .arg("--encoding")
-        .arg(encoding)
-        .arg("--ttl")
-        .arg(ttl.to_string())
-        .arg("--vapid-key")
-        .arg(vapid_pem_path);
+        .arg(format!("--endpoint={endpoint}"))
+        .arg(format!("--p256dh={p256dh}"))
+        .arg(format!("--auth={auth}"))
+        .arg(format!("--payload={payload}"))
+        .arg(format!("--encoding={encoding}"))
+        .arg(format!("--ttl={ttl}"))
+        .arg(format!("--vapid-key={}", vapid_pem_path.display()));
     for (k, v) in headers {
-        cmd.arg("--header").arg(format!("{k}: {v}"));
+        cmd.arg(format!("--header={k}: {v}"));
     }
     let out = match cmd.stdin(std::process::Stdio::null()).output().await {
         Ok(o) => o,

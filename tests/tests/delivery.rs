@@ -820,6 +820,37 @@ async fn queued_messages_go_out_in_batches_of_at_most_100() {
     assert_eq!(texts, want);
 }
 
+/// Fresh pushes go straight to a worker through a hand-off of
+/// `workers × batch_size` places (here 1 × 5); the ones that find it full
+/// are queued for a claim. Both paths together deliver every push once.
+#[tokio::test]
+async fn pushes_beyond_the_hand_off_are_claimed_from_the_queue() {
+    let expo = MockExpo::start().await;
+    let gate = gate(expo.url()).await;
+    let cfg = config(&gate.url, None, "").queue("workers = 1\nbatch_size = 5");
+    let ctx = start_with(expo, cfg).await;
+    let tok = token("handoff");
+    let reg = ctx.register(&tok).await;
+
+    // The only worker's first request waits at the gate: the hand-off
+    // fills up and the rest wait in the store.
+    for i in 0..40 {
+        let r = ctx.push(reg.push(Style::Mastodon, &ctx.vapid).payload(format!("handoff-{i}"))).await;
+        assert_eq!(r.status, 201, "push {i}: {}", r.body);
+    }
+    gate.open.send(true).unwrap();
+
+    let msgs = exactly(&ctx.expo, &tok, 40, Duration::from_secs(8)).await;
+    let sizes = ctx.expo.batch_sizes();
+    assert!(sizes.iter().all(|&n| n <= 5), "batches follow batch_size: {sizes:?}");
+    let texts: HashSet<String> = msgs.iter().map(|m| open_str(&reg, &m.message["data"])).collect();
+    let want: HashSet<String> = (0..40).map(|i| format!("handoff-{i}")).collect();
+    assert_eq!(texts, want);
+    // Nothing comes twice, even well after the 5 s leases of the handed-off ones.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(ctx.expo.messages_for(&tok).len(), 40, "a handed-off message was delivered again");
+}
+
 // ---------------------------------------------------------------------------
 // Durability: crash, PostgreSQL, scale-out
 // ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use super::App;
 use crate::dispatch::now_ms;
 use crate::keys;
 use crate::limits::retry_after_secs;
-use crate::store::{QueuedMessage, Registration, RegistrationState, StoredBody};
+use crate::store::{Claimed, QueuedMessage, Registration, RegistrationState, StoredBody};
 use crate::webpush::{self, crypto, payload, vapid};
 
 /// When a TTL-0 message must be fetched by the app, its body is kept this
@@ -203,11 +203,25 @@ pub async fn push(app: Arc<App>, id: String, headers: HeaderMap, body: Result<Ve
             attempts: 0,
             next_attempt_at: now,
         };
-        app.store.enqueue(&message, stored_body.as_ref()).await?;
-        app.dispatcher.wake(&registration.provider);
+        // Straight to a worker when its lane has room (queued under a lease,
+        // so no claim takes it too); otherwise queued for a claim.
+        let reservation = app.dispatcher.reserve(&registration.provider);
+        let lease_until = reservation.as_ref().map_or(0, |r| r.lease_until());
+        app.store.enqueue(&message, stored_body.as_ref(), lease_until).await?;
+        match reservation {
+            Some(reservation) => reservation.hand_off(Claimed {
+                provider: registration.provider,
+                token: registration.token,
+                instance: registration.instance,
+                account: registration.account,
+                state: RegistrationState::Active,
+                message,
+            }),
+            None => app.dispatcher.wake(&registration.provider),
+        }
     }
 
-    Ok(created(&app, &registration.id, &message_id, ttl))
+    Ok(created(&app, &id, &message_id, ttl))
 }
 
 fn created(app: &App, registration: &str, message_id: &str, ttl: u32) -> Response {

@@ -14,7 +14,7 @@ mod migrations;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 
 use std::sync::Arc;
 
@@ -240,7 +240,13 @@ pub trait Store: Send + Sync {
     /// Queues a message durably. A message with a topic replaces a queued,
     /// unclaimed one of the same registration and topic. `body` is stored
     /// for fetching when the content is [`Content::Fetch`].
-    async fn enqueue(&self, message: &QueuedMessage, body: Option<&StoredBody>) -> Result<()>;
+    ///
+    /// `lease_until` is 0 for a message any claimer may take, or the end of
+    /// a lease the caller takes on it at once: ingress hands a fresh message
+    /// straight to a delivery worker of its process, and the lease keeps
+    /// every claimer away from it meanwhile (a claim would only read back
+    /// what that worker already holds).
+    async fn enqueue(&self, message: &QueuedMessage, body: Option<&StoredBody>, lease_until: Millis) -> Result<()>;
 
     /// Leases up to `limit` of `provider`'s messages due at `now` until `lease_until`.
     async fn claim(&self, provider: &str, now: Millis, limit: usize, lease_until: Millis) -> Result<Vec<Claimed>>;

@@ -22,24 +22,46 @@ const MIGRATION_LOCK: i64 = 0x7075_7368_7265_6c61; // "pushrela"
 pub struct PostgresStore {
     pool: Pool,
     enqueue: mpsc::Sender<EnqueueJob>,
+    apply: mpsc::Sender<ApplyJob>,
+    lookups: mpsc::Sender<LookupJob>,
 }
 
 impl PostgresStore {
     pub async fn open(url: &str, pool_size: usize) -> Result<PostgresStore> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        // Every statement here is prepared once per connection and run
+        // thousands of times with arrays of ids, for which PostgreSQL's
+        // default keeps re-planning each execution (a custom plan looks
+        // cheaper for an array it cannot size); the plans are index lookups
+        // either way. Needs PostgreSQL 12 or newer.
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c plan_cache_mode=force_generic_plan"),
+            None => "-c plan_cache_mode=force_generic_plan".to_owned(),
+        };
+        config.options(&options);
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot build the PostgreSQL pool: {e}")))?;
         let (enqueue, jobs) = mpsc::channel(MAX_GROUP * COMMITTERS);
-        let store = PostgresStore { pool, enqueue };
+        let (apply, apply_jobs) = mpsc::channel(64);
+        let (lookups, lookup_jobs) = mpsc::channel(MAX_LOOKUPS * LOOKERS);
+        let store = PostgresStore { pool, enqueue, apply, lookups };
         store.migrate().await?;
         let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
         for _ in 0..COMMITTERS {
             tokio::spawn(commit_loop(store.pool.clone(), jobs.clone()));
+        }
+        let apply_jobs = Arc::new(tokio::sync::Mutex::new(apply_jobs));
+        for _ in 0..APPLIERS {
+            tokio::spawn(commit_loop(store.pool.clone(), apply_jobs.clone()));
+        }
+        let lookup_jobs = Arc::new(tokio::sync::Mutex::new(lookup_jobs));
+        for _ in 0..LOOKERS {
+            tokio::spawn(lookup_loop(store.pool.clone(), lookup_jobs.clone()));
         }
         Ok(store)
     }
@@ -80,44 +102,49 @@ impl PostgresStore {
 struct EnqueueJob {
     message: QueuedMessage,
     body: Option<StoredBody>,
+    lease_until: Millis,
     reply: oneshot::Sender<Result<()>>,
 }
 
-/// Most messages committed in one transaction.
-const MAX_GROUP: usize = 512;
-/// Commit loops: while one waits for its commit, another gathers the next group.
-const COMMITTERS: usize = 4;
+/// Concurrent registration lookups waiting to be read together.
+struct LookupJob {
+    id: String,
+    reply: oneshot::Sender<Result<Option<Registration>>>,
+}
 
-/// Group commit: each loop takes whatever enqueues are waiting and commits
-/// them in one transaction with one multi-row insert, so a burst of pushes
-/// costs a few commits instead of one each.
-async fn commit_loop(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<EnqueueJob>>>) {
-    loop {
-        let mut group = Vec::new();
-        {
-            let mut jobs = jobs.lock().await;
-            match jobs.recv().await {
-                Some(job) => group.push(job),
-                None => return,
-            }
-            while group.len() < MAX_GROUP {
-                match jobs.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
-                }
-            }
+/// Most registrations read in one statement.
+const MAX_LOOKUPS: usize = 256;
+/// Lookup loops: one statement in flight each.
+const LOOKERS: usize = 4;
+
+/// Takes the next job and whatever others are already waiting (up to
+/// `max`); `None` once every sender is gone. The lock is held only while
+/// gathering, so another loop gathers the next group while this one works.
+async fn next_group<J>(jobs: &tokio::sync::Mutex<mpsc::Receiver<J>>, max: usize) -> Option<Vec<J>> {
+    let mut jobs = jobs.lock().await;
+    let mut group = vec![jobs.recv().await?];
+    while group.len() < max {
+        match jobs.try_recv() {
+            Ok(job) => group.push(job),
+            Err(_) => break,
         }
-        match insert_group(&pool, &group).await {
-            Ok(()) => {
+    }
+    Some(group)
+}
+
+/// Every push reads its registration first. Read one by one, those reads
+/// were most of the PostgreSQL server's work per push (a statement and a
+/// round trip each); pushes arriving together are now read with one
+/// `id = ANY($1)` statement. An idle relay still reads at once: a lookup
+/// waits only while another of the same loop is in flight.
+async fn lookup_loop(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<LookupJob>>>) {
+    while let Some(group) = next_group(&jobs, MAX_LOOKUPS).await {
+        match lookup_group(&pool, &group).await {
+            Ok(found) => {
                 for job in group {
-                    let _ = job.reply.send(Ok(()));
-                }
-            }
-            // One bad message must not fail the others: try each alone.
-            Err(_) if group.len() > 1 => {
-                for job in group {
-                    let result = insert_group(&pool, std::slice::from_ref(&job)).await;
-                    let _ = job.reply.send(result);
+                    // The same id may be asked for twice in one group.
+                    let registration = found.get(job.id.as_str()).cloned();
+                    let _ = job.reply.send(Ok(registration));
                 }
             }
             Err(e) => {
@@ -129,11 +156,174 @@ async fn commit_loop(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Enq
     }
 }
 
+async fn lookup_group(pool: &Pool, group: &[LookupJob]) -> Result<HashMap<String, Registration>> {
+    let client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let stmt = client
+        .prepare_cached(&format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE id = ANY($1)"))
+        .await
+        .map_err(pg)?;
+    let ids: Vec<&str> = group.iter().map(|job| job.id.as_str()).collect();
+    let rows = client.query(&stmt, &[&ids]).await.map_err(pg)?;
+    rows.iter()
+        .map(|row| registration_from_row(row).map(|r| (r.id.clone(), r)))
+        .collect()
+}
+
+/// Most messages committed in one transaction.
+const MAX_GROUP: usize = 512;
+/// Commit loops: while one waits for its commit, another gathers the next group.
+const COMMITTERS: usize = 4;
+/// Loops applying delivery outcomes, the same way.
+const APPLIERS: usize = 2;
+
+/// Group commit: each loop takes whatever enqueues are waiting and commits
+/// them in one transaction with one multi-row insert, so a burst of pushes
+/// costs a few commits instead of one each.
+async fn commit_loop<J: Committed>(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<J>>>) {
+    while let Some(group) = next_group(&jobs, J::MAX_GROUP).await {
+        match J::commit(&pool, &group).await {
+            Ok(()) => {
+                for job in group {
+                    job.reply(Ok(()));
+                }
+            }
+            // One bad job must not fail the others: try each alone.
+            Err(_) if group.len() > 1 => {
+                for job in group {
+                    let result = J::commit(&pool, std::slice::from_ref(&job)).await;
+                    job.reply(result);
+                }
+            }
+            Err(e) => {
+                for job in group {
+                    job.reply(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// A write that is committed together with whatever others of its kind are waiting.
+trait Committed: Sized + Send + 'static {
+    /// Most jobs in one transaction.
+    const MAX_GROUP: usize;
+    fn commit(pool: &Pool, group: &[Self]) -> impl std::future::Future<Output = Result<()>> + Send;
+    fn reply(self, result: Result<()>);
+}
+
+impl Committed for EnqueueJob {
+    const MAX_GROUP: usize = MAX_GROUP;
+    fn commit(pool: &Pool, group: &[Self]) -> impl std::future::Future<Output = Result<()>> + Send {
+        insert_group(pool, group)
+    }
+    fn reply(self, result: Result<()>) {
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Delivery outcomes of concurrent workers, applied together.
+struct ApplyJob {
+    updates: Vec<Update>,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+impl Committed for ApplyJob {
+    const MAX_GROUP: usize = 64;
+    fn commit(pool: &Pool, group: &[Self]) -> impl std::future::Future<Output = Result<()>> + Send {
+        apply_group(pool, group)
+    }
+    fn reply(self, result: Result<()>) {
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Applies the outcomes of several delivered batches in one transaction.
+/// The frequent updates (delete the message, note the delivery, remember
+/// its receipt) go as one statement each for the whole group; the rare
+/// ones one by one. Workers finishing together share a commit, as
+/// enqueues do.
+async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
+    let mut removed: Vec<&str> = Vec::new();
+    let mut delivered: HashMap<&str, Millis> = HashMap::new();
+    let mut failures: HashMap<&str, i64> = HashMap::new();
+    let mut receipts: Vec<&PendingReceipt> = Vec::new();
+    let mut receipts_done: Vec<&str> = Vec::new();
+    let mut others: Vec<&Update> = Vec::new();
+    for update in group.iter().flat_map(|job| &job.updates) {
+        match update {
+            Update::Delivered { message, registration, at } => {
+                removed.push(message);
+                let last = delivered.entry(registration).or_insert(*at);
+                *last = (*last).max(*at);
+            }
+            Update::Drop { message, registration, failed } => {
+                removed.push(message);
+                if *failed {
+                    *failures.entry(registration).or_default() += 1;
+                }
+            }
+            Update::AddReceipt(r) => receipts.push(r),
+            Update::ReceiptDone { id } => receipts_done.push(id),
+            other => others.push(other),
+        }
+    }
+    let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let tx = client.transaction().await.map_err(pg)?;
+    if !removed.is_empty() {
+        exec(&tx, "DELETE FROM queue WHERE id = ANY($1)", &[&removed]).await?;
+    }
+    if !delivered.is_empty() {
+        let (ids, ats): (Vec<&str>, Vec<Millis>) = delivered.into_iter().unzip();
+        exec(
+            &tx,
+            "UPDATE registrations r SET last_delivery_at = d.at \
+             FROM unnest($1::text[], $2::bigint[]) AS d(id, at) WHERE r.id = d.id",
+            &[&ids, &ats],
+        )
+        .await?;
+    }
+    if !failures.is_empty() {
+        let (ids, counts): (Vec<&str>, Vec<i64>) = failures.into_iter().unzip();
+        exec(
+            &tx,
+            "UPDATE registrations r SET delivery_failures = r.delivery_failures + f.n \
+             FROM unnest($1::text[], $2::bigint[]) AS f(id, n) WHERE r.id = f.id",
+            &[&ids, &counts],
+        )
+        .await?;
+    }
+    if !receipts.is_empty() {
+        let ids: Vec<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
+        let tickets: Vec<String> = receipts.iter().map(|r| tickets_json(&r.tickets)).collect();
+        let providers: Vec<&str> = receipts.iter().map(|r| r.provider.as_str()).collect();
+        let check_at: Vec<Millis> = receipts.iter().map(|r| r.check_at).collect();
+        let checks: Vec<i32> = receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect();
+        exec(
+            &tx,
+            "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
+             SELECT id, provider, check_at, checks, 0, tickets \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[]) \
+                 AS r(id, provider, check_at, checks, tickets) \
+             ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+            &[&ids, &providers, &check_at, &checks, &tickets],
+        )
+        .await?;
+    }
+    if !receipts_done.is_empty() {
+        exec(&tx, "DELETE FROM receipts WHERE id = ANY($1)", &[&receipts_done]).await?;
+    }
+    for update in others {
+        apply_one(&tx, update).await?;
+    }
+    tx.commit().await.map_err(pg)
+}
+
 async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
     let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
     let tx = client.transaction().await.map_err(pg)?;
     // Topic replacement (RFC 8030 §5.4): a queued, unclaimed message with the
-    // same registration and topic goes; within the group the last one wins.
+    // same registration and topic goes; within the group the last one wins
+    // (over those not already handed to a worker).
     let mut topics: HashMap<(&str, &str), usize> = HashMap::new();
     for (i, job) in group.iter().enumerate() {
         if let Some(topic) = &job.message.topic {
@@ -143,23 +333,27 @@ async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
     if !topics.is_empty() {
         let (registrations, topic_names): (Vec<&str>, Vec<&str>) = topics.keys().copied().unzip();
         let now = group.iter().map(|j| j.message.created_at).max().unwrap_or(0);
-        tx.execute(
+        exec(
+            &tx,
             "DELETE FROM queue q USING unnest($1::text[], $2::text[]) AS t(registration, topic) \
              WHERE q.registration = t.registration AND q.topic = t.topic AND q.lease_until <= $3",
             &[&registrations, &topic_names, &now],
         )
-        .await
-        .map_err(pg)?;
+        .await?;
     }
-    let kept: Vec<&QueuedMessage> = group
+    let kept: Vec<&EnqueueJob> = group
         .iter()
         .enumerate()
         .filter(|(i, job)| match &job.message.topic {
-            Some(topic) => topics.get(&(job.message.registration.as_str(), topic.as_str())) == Some(i),
-            None => true,
+            Some(topic) if job.lease_until == 0 => {
+                topics.get(&(job.message.registration.as_str(), topic.as_str())) == Some(i)
+            }
+            _ => true,
         })
-        .map(|(_, job)| &job.message)
+        .map(|(_, job)| job)
         .collect();
+    let leases: Vec<Millis> = kept.iter().map(|job| job.lease_until).collect();
+    let kept: Vec<&QueuedMessage> = kept.iter().map(|job| &job.message).collect();
     let columns: Vec<ContentColumns> = kept.iter().map(|m| content_columns(&m.content)).collect();
     let ids: Vec<&str> = kept.iter().map(|m| m.id.as_str()).collect();
     let registrations: Vec<&str> = kept.iter().map(|m| m.registration.as_str()).collect();
@@ -176,29 +370,43 @@ async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
     let fields: Vec<Option<&str>> = columns.iter().map(|c| c.5.as_deref()).collect();
     let attempts: Vec<i32> = kept.iter().map(|m| i32::try_from(m.attempts).unwrap_or(i32::MAX)).collect();
     let next: Vec<Millis> = kept.iter().map(|m| m.next_attempt_at).collect();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO queue (id, registration, provider, created_at, expires_at, urgency, topic, content_kind, \
+             encoding, body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
+                 $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[], $13::text[], \
+                 $14::int[], $15::bigint[], $16::bigint[])",
+        )
+        .await
+        .map_err(pg)?;
     tx.execute(
-        "INSERT INTO queue (id, registration, provider, created_at, expires_at, urgency, topic, content_kind, \
-         encoding, body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
-         SELECT *, 0 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
-             $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[], $13::text[], \
-             $14::int[], $15::bigint[])",
+        &insert,
         &[
             &ids, &registrations, &providers, &created, &expires, &urgencies, &topic_col, &kinds, &encodings,
-            &bodies, &salts, &dhs, &fields, &attempts, &next,
+            &bodies, &salts, &dhs, &fields, &attempts, &next, &leases,
         ],
     )
     .await
     .map_err(pg)?;
     for b in group.iter().filter_map(|job| job.body.as_ref()) {
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[&b.message_id, &b.registration, &b.encoding.as_str(), &b.body, &b.salt, &b.dh, &b.expires_at],
         )
-        .await
-        .map_err(pg)?;
+        .await?;
     }
     tx.commit().await.map_err(pg)
+}
+
+/// Runs `sql` as a statement prepared once per connection: tokio-postgres
+/// otherwise prepares a text query anew on every call, which costs the
+/// server a parse and plan and the relay a round trip.
+async fn exec(client: &impl GenericClient, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<u64> {
+    let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+    client.execute(&stmt, params).await.map_err(pg)
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -339,13 +547,10 @@ impl Store for PostgresStore {
     }
 
     async fn registration(&self, id: &str) -> Result<Option<Registration>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE id = $1"))
-            .await
-            .map_err(pg)?;
-        let row = client.query_opt(&stmt, &[&id]).await.map_err(pg)?;
-        row.as_ref().map(registration_from_row).transpose()
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("the PostgreSQL reader has stopped".into());
+        self.lookups.send(LookupJob { id: id.to_owned(), reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn update_registration(&self, r: &Registration) -> Result<()> {
@@ -382,9 +587,9 @@ impl Store for PostgresStore {
             .map_err(pg)
     }
 
-    async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>) -> Result<()> {
+    async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>, lease_until: Millis) -> Result<()> {
         let (reply, answer) = oneshot::channel();
-        let job = EnqueueJob { message: m.clone(), body: body.cloned(), reply };
+        let job = EnqueueJob { message: m.clone(), body: body.cloned(), lease_until, reply };
         let stopped = || StoreError::Unavailable("the PostgreSQL committer has stopped".into());
         self.enqueue.send(job).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -429,90 +634,14 @@ impl Store for PostgresStore {
 
     async fn extend_lease(&self, ids: &[String], lease_until: Millis) -> Result<()> {
         let client = self.client().await?;
-        client
-            .execute("UPDATE queue SET lease_until = $2 WHERE id = ANY($1)", &[&ids, &lease_until])
-            .await
-            .map(|_| ())
-            .map_err(pg)
+        exec(&client, "UPDATE queue SET lease_until = $2 WHERE id = ANY($1)", &[&ids, &lease_until]).await.map(|_| ())
     }
 
     async fn apply(&self, updates: &[Update]) -> Result<()> {
-        // The frequent updates of a delivered batch (delete the message, note
-        // the delivery, remember its receipt) go as one statement each for
-        // the whole batch; the rare ones one by one.
-        let mut removed: Vec<&str> = Vec::new();
-        let mut delivered: HashMap<&str, Millis> = HashMap::new();
-        let mut failures: HashMap<&str, i64> = HashMap::new();
-        let mut receipts: Vec<&PendingReceipt> = Vec::new();
-        let mut receipts_done: Vec<&str> = Vec::new();
-        let mut others: Vec<&Update> = Vec::new();
-        for update in updates {
-            match update {
-                Update::Delivered { message, registration, at } => {
-                    removed.push(message);
-                    let last = delivered.entry(registration).or_insert(*at);
-                    *last = (*last).max(*at);
-                }
-                Update::Drop { message, registration, failed } => {
-                    removed.push(message);
-                    if *failed {
-                        *failures.entry(registration).or_default() += 1;
-                    }
-                }
-                Update::AddReceipt(r) => receipts.push(r),
-                Update::ReceiptDone { id } => receipts_done.push(id),
-                other => others.push(other),
-            }
-        }
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        if !removed.is_empty() {
-            tx.execute("DELETE FROM queue WHERE id = ANY($1)", &[&removed]).await.map_err(pg)?;
-        }
-        if !delivered.is_empty() {
-            let (ids, ats): (Vec<&str>, Vec<Millis>) = delivered.into_iter().unzip();
-            tx.execute(
-                "UPDATE registrations r SET last_delivery_at = d.at \
-                 FROM unnest($1::text[], $2::bigint[]) AS d(id, at) WHERE r.id = d.id",
-                &[&ids, &ats],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        if !failures.is_empty() {
-            let (ids, counts): (Vec<&str>, Vec<i64>) = failures.into_iter().unzip();
-            tx.execute(
-                "UPDATE registrations r SET delivery_failures = r.delivery_failures + f.n \
-                 FROM unnest($1::text[], $2::bigint[]) AS f(id, n) WHERE r.id = f.id",
-                &[&ids, &counts],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        if !receipts.is_empty() {
-            let ids: Vec<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
-            let tickets: Vec<String> = receipts.iter().map(|r| tickets_json(&r.tickets)).collect();
-            let providers: Vec<&str> = receipts.iter().map(|r| r.provider.as_str()).collect();
-            let check_at: Vec<Millis> = receipts.iter().map(|r| r.check_at).collect();
-            let checks: Vec<i32> = receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect();
-            tx.execute(
-                "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
-                 SELECT id, provider, check_at, checks, 0, tickets \
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[]) \
-                     AS r(id, provider, check_at, checks, tickets) \
-                 ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-                &[&ids, &providers, &check_at, &checks, &tickets],
-            )
-            .await
-            .map_err(pg)?;
-        }
-        if !receipts_done.is_empty() {
-            tx.execute("DELETE FROM receipts WHERE id = ANY($1)", &[&receipts_done]).await.map_err(pg)?;
-        }
-        for update in others {
-            apply_one(&tx, update).await?;
-        }
-        tx.commit().await.map_err(pg)
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("the PostgreSQL committer has stopped".into());
+        self.apply.send(ApplyJob { updates: updates.to_vec(), reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn take_body(&self, registration: &str, message_id: &str, now: Millis) -> Result<Option<StoredBody>> {

@@ -129,9 +129,11 @@ fn open_connection(path: &Path) -> Result<Connection> {
     // WAL lets readers run beside the writer; synchronous=FULL makes every
     // commit durable before the 201 is sent (group commit keeps it cheap);
     // secure_delete zeroes what rows leave behind, so erased keys do not
-    // linger in free space.
+    // linger in free space; temp_store keeps the savepoints' sub-journal
+    // (one savepoint per job of a group commit) in memory, not in a file.
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = OFF;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = OFF; \
+         PRAGMA temp_store = MEMORY;",
     )
         .map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(unavailable)?;
@@ -474,7 +476,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>) -> Result<()> {
+    async fn enqueue(&self, m: &QueuedMessage, body: Option<&StoredBody>, lease_until: Millis) -> Result<()> {
         let m = m.clone();
         let body = body.cloned();
         self.write(move |conn| {
@@ -491,10 +493,10 @@ impl Store for SqliteStore {
             exec(conn, 
                 "INSERT INTO queue (id, registration, created_at, expires_at, urgency, topic, content_kind, encoding, \
                  body, salt, dh, fields, attempts, next_attempt_at, lease_until, provider) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16, ?15)",
                 params![
                     m.id, m.registration, m.created_at, m.expires_at, m.urgency.as_str(), m.topic, kind, encoding,
-                    body_bytes, salt, dh, fields, m.attempts, m.next_attempt_at, m.provider
+                    body_bytes, salt, dh, fields, m.attempts, m.next_attempt_at, m.provider, lease_until
                 ],
             )
             .map_err(unavailable)?;

@@ -58,6 +58,7 @@ pub async fn run(store: &dyn Store) {
     store.ping().await.expect("ping");
     registrations(store).await;
     queue(store).await;
+    handed_off(store).await;
     topics(store).await;
     bodies(store).await;
     gone_and_deleted(store).await;
@@ -96,10 +97,10 @@ async fn queue(store: &dyn Store) {
     store.insert_registration(&registration("reg-q", RegistrationState::Active)).await.expect("insert");
     let now = 100_000;
     for i in 0..5 {
-        store.enqueue(&message(&format!("q{i}"), "reg-q", None, now + i), None).await.expect("enqueue");
+        store.enqueue(&message(&format!("q{i}"), "reg-q", None, now + i), None, 0).await.expect("enqueue");
     }
     // Not yet due.
-    store.enqueue(&message("q-later", "reg-q", None, now + 50_000), None).await.expect("enqueue");
+    store.enqueue(&message("q-later", "reg-q", None, now + 50_000), None, 0).await.expect("enqueue");
     assert_eq!(store.queue_stats().await.expect("stats").depth, 6);
 
     assert!(store.claim("other", now + 10, 10, now + 10_000).await.expect("claim").is_empty(), "per provider");
@@ -160,16 +161,45 @@ async fn queue(store: &dyn Store) {
     assert_eq!(store.queue_stats().await.expect("stats").depth, 0);
 }
 
+/// A message queued already leased (handed straight to a worker) is
+/// invisible to claims, topic replacement and expiry until its lease ends,
+/// and claimable like any other afterwards (its worker died).
+async fn handed_off(store: &dyn Store) {
+    store.insert_registration(&registration("reg-h", RegistrationState::Active)).await.expect("insert");
+    let now = 150_000;
+    let leased = QueuedMessage { expires_at: now + 1_000, ..message("h1", "reg-h", Some("status"), now) };
+    store.enqueue(&leased, None, now + 5_000).await.expect("enqueue leased");
+    store.enqueue(&message("h2", "reg-h", None, now), None, 0).await.expect("enqueue");
+    let claimed = store.claim("expo", now + 1, 10, now + 5_000).await.expect("claim");
+    assert_eq!(ids(&claimed), ["h2"], "the leased message is not claimed");
+    // A newer message with its topic does not replace one being delivered.
+    store.enqueue(&message("h3", "reg-h", Some("status"), now + 2), None, now + 5_000).await.expect("enqueue");
+    assert_eq!(store.expire(now + 2_000).await.expect("expire"), 0, "a leased message is not expired under its worker");
+    assert_eq!(store.queue_stats().await.expect("stats").depth, 3);
+    // Its worker never reported back: after the lease, any claimer gets it.
+    let reclaimed = store.claim("expo", now + 5_001, 10, now + 20_000).await.expect("claim");
+    assert_eq!(ids(&reclaimed), ["h1", "h2", "h3"]);
+    let h1 = reclaimed.iter().find(|c| c.message.id == "h1").expect("h1");
+    assert_eq!(h1.message, leased);
+    assert_eq!(h1.token, "ExponentPushToken[reg-h]");
+    let updates: Vec<Update> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|id| Update::Delivered { message: id.to_string(), registration: "reg-h".into(), at: now })
+        .collect();
+    store.apply(&updates).await.expect("apply");
+    assert_eq!(store.queue_stats().await.expect("stats").depth, 0);
+}
+
 async fn topics(store: &dyn Store) {
     store.insert_registration(&registration("reg-t", RegistrationState::Active)).await.expect("insert");
     let now = 200_000;
-    store.enqueue(&message("t1", "reg-t", Some("timeline"), now), None).await.expect("enqueue");
-    store.enqueue(&message("t2", "reg-t", Some("other"), now), None).await.expect("enqueue");
-    store.enqueue(&message("t3", "reg-t", Some("timeline"), now + 1), None).await.expect("enqueue");
+    store.enqueue(&message("t1", "reg-t", Some("timeline"), now), None, 0).await.expect("enqueue");
+    store.enqueue(&message("t2", "reg-t", Some("other"), now), None, 0).await.expect("enqueue");
+    store.enqueue(&message("t3", "reg-t", Some("timeline"), now + 1), None, 0).await.expect("enqueue");
     let claimed = store.claim("expo", now + 1, 10, now + 5_000).await.expect("claim");
     assert_eq!(ids(&claimed), ["t2", "t3"], "t3 replaced t1");
     // A claimed (in flight) message is not replaced.
-    store.enqueue(&message("t4", "reg-t", Some("other"), now + 2), None).await.expect("enqueue");
+    store.enqueue(&message("t4", "reg-t", Some("other"), now + 2), None, 0).await.expect("enqueue");
     let updates: Vec<Update> = ["t2", "t3"]
         .iter()
         .map(|id| Update::Delivered { message: id.to_string(), registration: "reg-t".into(), at: now })
@@ -185,7 +215,7 @@ async fn topics(store: &dyn Store) {
         message("t6", "reg-t", Some("burst"), now + 3),
         message("t7", "reg-t", None, now + 3),
     );
-    let (ra, rb, rc) = tokio::join!(store.enqueue(&a, None), store.enqueue(&b, None), store.enqueue(&c, None));
+    let (ra, rb, rc) = tokio::join!(store.enqueue(&a, None, 0), store.enqueue(&b, None, 0), store.enqueue(&c, None, 0));
     (ra.expect("enqueue"), rb.expect("enqueue"), rc.expect("enqueue"));
     let claimed = ids(&store.claim("expo", now + 3, 10, now + 5_000).await.expect("claim"));
     assert_eq!(claimed.len(), 2, "{claimed:?}");
@@ -211,7 +241,7 @@ async fn bodies(store: &dyn Store) {
         dh: None,
         expires_at: now + 60_000,
     };
-    store.enqueue(&m, Some(&body)).await.expect("enqueue");
+    store.enqueue(&m, Some(&body), 0).await.expect("enqueue");
     let claimed = store.claim("expo", now, 10, now + 1_000).await.expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].message.content, Content::Fetch);
@@ -225,7 +255,7 @@ async fn bodies(store: &dyn Store) {
     late.message_id = "b2".into();
     let mut m2 = m.clone();
     m2.id = "b2".into();
-    store.enqueue(&m2, Some(&late)).await.expect("enqueue");
+    store.enqueue(&m2, Some(&late), 0).await.expect("enqueue");
     assert!(store.take_body("reg-b", "b2", now + 60_000).await.expect("take").is_none());
     store.apply(&[Update::Drop { message: "b2".into(), registration: "reg-b".into(), failed: false }]).await.expect("apply");
 }
@@ -233,8 +263,8 @@ async fn bodies(store: &dyn Store) {
 async fn gone_and_deleted(store: &dyn Store) {
     let now = 400_000;
     store.insert_registration(&registration("reg-g", RegistrationState::Active)).await.expect("insert");
-    store.enqueue(&message("g1", "reg-g", None, now), None).await.expect("enqueue");
-    store.enqueue(&message("g2", "reg-g", None, now), None).await.expect("enqueue");
+    store.enqueue(&message("g1", "reg-g", None, now), None, 0).await.expect("enqueue");
+    store.enqueue(&message("g2", "reg-g", None, now), None, 0).await.expect("enqueue");
     // A dead *old* token (rotated since) leaves the registration alone.
     store
         .apply(&[Update::Gone { registration: "reg-g".into(), token: "ExponentPushToken[old]".into() }])
@@ -250,7 +280,7 @@ async fn gone_and_deleted(store: &dyn Store) {
 
     let mut d = registration("reg-d", RegistrationState::Active);
     store.insert_registration(&d).await.expect("insert");
-    store.enqueue(&message("d1", "reg-d", None, now), None).await.expect("enqueue");
+    store.enqueue(&message("d1", "reg-d", None, now), None, 0).await.expect("enqueue");
     d.state = RegistrationState::Deleted;
     store.update_registration(&d).await.expect("delete");
     assert_eq!(store.registration("reg-d").await.expect("read").expect("tombstone").state, RegistrationState::Deleted);
@@ -308,8 +338,8 @@ async fn expiry(store: &dyn Store) {
     store.insert_registration(&registration("reg-e", RegistrationState::Active)).await.expect("insert");
     let mut short = message("e1", "reg-e", None, now);
     short.expires_at = now + 100;
-    store.enqueue(&short, None).await.expect("enqueue");
-    store.enqueue(&message("e2", "reg-e", None, now), None).await.expect("enqueue");
+    store.enqueue(&short, None, 0).await.expect("enqueue");
+    store.enqueue(&message("e2", "reg-e", None, now), None, 0).await.expect("enqueue");
     assert_eq!(store.expire(now + 100).await.expect("expire"), 1);
     let left = store.claim("expo", now + 100, 10, now + 1_000).await.expect("claim");
     assert_eq!(ids(&left), ["e2"]);
@@ -320,7 +350,7 @@ async fn expiry(store: &dyn Store) {
 pub async fn seed_claimed(store: &dyn Store) {
     let now = now_ms();
     store.insert_registration(&registration("reg-c", RegistrationState::Active)).await.expect("insert");
-    store.enqueue(&message("c1", "reg-c", None, now), None).await.expect("enqueue");
+    store.enqueue(&message("c1", "reg-c", None, now), None, 0).await.expect("enqueue");
     assert_eq!(store.claim("expo", now, 10, now + 3_600_000).await.expect("claim").len(), 1);
 }
 
@@ -333,7 +363,7 @@ pub async fn check_reclaimable(store: &dyn Store) {
 pub async fn seed_many(store: &dyn Store, n: usize) {
     store.insert_registration(&registration("reg-m", RegistrationState::Active)).await.expect("insert");
     for i in 0..n {
-        store.enqueue(&message(&format!("m{i:04}"), "reg-m", None, 1_000), None).await.expect("enqueue");
+        store.enqueue(&message(&format!("m{i:04}"), "reg-m", None, 1_000), None, 0).await.expect("enqueue");
     }
 }
 
