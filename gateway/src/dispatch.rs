@@ -56,6 +56,9 @@ pub struct Dispatcher {
     queue: push_relay_config::Queue,
     /// One lane per provider: its wake-up and its hand-off from ingress.
     lanes: HashMap<String, Arc<Lane>>,
+    /// Latest delivery per registration since the last flush: written to the
+    /// store once a second, not once per message (see [`Update::LastDelivery`]).
+    last_deliveries: Mutex<HashMap<String, Millis>>,
 }
 
 /// A fresh message handed from ingress to a worker, with the end of the
@@ -99,7 +102,7 @@ impl Lane {
         taken
     }
 
-    /// Everything still waiting, for [`Dispatcher::release_handoffs`].
+    /// Everything still waiting, for [`Dispatcher::shutdown`].
     fn drain(&self) -> Vec<String> {
         let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
         std::iter::from_fn(|| inbox.try_recv().ok()).map(|h| h.claimed.message.id).collect()
@@ -136,7 +139,7 @@ impl Dispatcher {
         // Room for what all of a provider's workers take in one round.
         let capacity = queue.workers.saturating_mul(queue.batch_size);
         let lanes = providers.keys().map(|name| (name.clone(), Arc::new(Lane::new(capacity)))).collect();
-        Arc::new(Dispatcher { store, providers, metrics, queue, lanes })
+        Arc::new(Dispatcher { store, providers, metrics, queue, lanes, last_deliveries: Mutex::default() })
     }
 
     /// Starts the delivery workers, the receipt checker and housekeeping.
@@ -169,10 +172,12 @@ impl Dispatcher {
         Some(Reservation { permit, lane: lane.clone(), lease_until })
     }
 
-    /// At shutdown: gives the messages still waiting in the lanes back to
-    /// the queue at once, instead of when their leases run out (which would
-    /// hold them back from the other processes sharing the store).
-    pub async fn release_handoffs(&self) {
+    /// At shutdown: writes the latest deliveries, and gives the messages
+    /// still waiting in the lanes back to the queue at once, instead of when
+    /// their leases run out (which would hold them back from the other
+    /// processes sharing the store).
+    pub async fn shutdown(&self) {
+        self.flush_last_deliveries().await;
         let ids: Vec<String> = self.lanes.values().flat_map(|lane| lane.drain()).collect();
         if ids.is_empty() {
             return;
@@ -180,6 +185,29 @@ impl Dispatcher {
         match self.store.extend_lease(&ids, 0).await {
             Ok(()) => tracing::info!("{} queued messages released for other processes", ids.len()),
             Err(e) => tracing::warn!("cannot release {} queued messages (they return when their lease ends): {e}", ids.len()),
+        }
+    }
+
+    fn note_delivery(&self, registration: &str, at: Millis) {
+        let mut last = self.last_deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get_mut(registration) {
+            Some(kept) => *kept = (*kept).max(at),
+            None => {
+                last.insert(registration.to_owned(), at);
+            }
+        }
+    }
+
+    async fn flush_last_deliveries(&self) {
+        let last = std::mem::take(&mut *self.last_deliveries.lock().unwrap_or_else(|e| e.into_inner()));
+        if last.is_empty() {
+            return;
+        }
+        let updates: Vec<Update> =
+            last.into_iter().map(|(registration, at)| Update::LastDelivery { registration, at }).collect();
+        if let Err(e) = self.store.apply(&updates).await {
+            // Informational only (the registration view): not retried.
+            tracing::warn!("cannot record the latest delivery of {} registrations: {e}", updates.len());
         }
     }
 
@@ -301,7 +329,8 @@ impl Dispatcher {
                     .delivery_seconds
                     .with_label_values(&[name])
                     .observe((now - m.created_at).max(0) as f64 / 1000.0);
-                updates.push(Update::Delivered { message: m.id.clone(), registration: m.registration.clone(), at: now });
+                updates.push(Update::Delivered { message: m.id.clone() });
+                self.note_delivery(&m.registration, now);
                 if let Some(id) = receipt {
                     tickets.push(ReceiptTicket {
                         id: id.clone(),
@@ -343,6 +372,9 @@ impl Dispatcher {
         let outcomes = provider.send(std::slice::from_ref(&notification)).await;
         let outcome = outcomes.first().unwrap_or(&MISSING);
         self.metrics.deliveries.with_label_values(&[provider_name, outcome.label()]).inc();
+        if matches!(outcome, Outcome::Delivered { .. }) {
+            self.note_delivery(&notification.registration, now_ms());
+        }
         let update = match outcome {
             Outcome::Delivered { receipt: Some(id) } => {
                 let ticket = ReceiptTicket {
@@ -433,11 +465,13 @@ impl Dispatcher {
         updates
     }
 
-    /// Expires old messages and refreshes the queue gauges, once a second.
+    /// Expires old messages, writes the latest deliveries and refreshes the
+    /// queue gauges, once a second.
     async fn housekeeping(&self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            self.flush_last_deliveries().await;
             let now = now_ms();
             match self.store.expire(now).await {
                 Ok(n) if n > 0 => self.metrics.dropped.with_label_values(&["expired"]).inc_by(n),

@@ -90,7 +90,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "push-relay is listening"
     );
     warp::serve(api::routes(app)).incoming(listener).graceful(shutdown_signal()).run().await;
-    dispatcher.release_handoffs().await;
+    dispatcher.shutdown().await;
     tracing::info!("push-relay stopped");
     Ok(())
 }

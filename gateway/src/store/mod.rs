@@ -194,8 +194,13 @@ fn tickets_from_json(json: &str) -> Result<Vec<ReceiptTicket>> {
 /// batches, in one transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
-    /// Delivered: remove the message, note the delivery on the registration.
-    Delivered { message: String, registration: String, at: Millis },
+    /// Delivered: remove the message.
+    Delivered { message: String },
+    /// Note the registration's latest delivery (an earlier `at` than the one
+    /// kept changes nothing). Dispatch sends these once a second for all the
+    /// registrations delivered to meanwhile, not once per message: each is
+    /// a write to the registration's row.
+    LastDelivery { registration: String, at: Millis },
     /// Try again at `next_attempt_at`; the lease is released.
     Retry { message: String, attempts: u32, next_attempt_at: Millis },
     /// Remove the message (failed permanently, expired, or its registration

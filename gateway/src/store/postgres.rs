@@ -251,8 +251,8 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
     let mut others: Vec<&Update> = Vec::new();
     for update in group.iter().flat_map(|job| &job.updates) {
         match update {
-            Update::Delivered { message, registration, at } => {
-                removed.push(message);
+            Update::Delivered { message } => removed.push(message),
+            Update::LastDelivery { registration, at } => {
                 let last = delivered.entry(registration).or_insert(*at);
                 *last = (*last).max(*at);
             }
@@ -277,7 +277,8 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
         exec(
             &tx,
             "UPDATE registrations r SET last_delivery_at = d.at \
-             FROM unnest($1::text[], $2::bigint[]) AS d(id, at) WHERE r.id = d.id",
+             FROM unnest($1::text[], $2::bigint[]) AS d(id, at) \
+             WHERE r.id = d.id AND COALESCE(r.last_delivery_at, 0) < d.at",
             &[&ids, &ats],
         )
         .await?;
@@ -519,7 +520,11 @@ async fn apply_one(client: &impl GenericClient, update: &Update) -> Result<()> {
                 .map_err(pg)?;
         }
         // Applied in bulk by `apply`, one statement per kind for the whole batch.
-        Update::Delivered { .. } | Update::Drop { .. } | Update::AddReceipt(_) | Update::ReceiptDone { .. } => {}
+        Update::Delivered { .. }
+        | Update::LastDelivery { .. }
+        | Update::Drop { .. }
+        | Update::AddReceipt(_)
+        | Update::ReceiptDone { .. } => {}
     }
     Ok(())
 }

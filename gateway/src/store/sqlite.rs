@@ -341,13 +341,12 @@ fn message_from_row(row: &Row<'_>) -> Result<QueuedMessage> {
 
 fn apply_one(conn: &Connection, update: &Update) -> Result<()> {
     let result = match update {
-        Update::Delivered { message, registration, at } => exec(conn, "DELETE FROM queue WHERE id = ?1", params![message])
-            .and_then(|_| {
-                exec(conn, 
-                    "UPDATE registrations SET last_delivery_at = ?2 WHERE id = ?1",
-                    params![registration, at],
-                )
-            }),
+        Update::Delivered { message } => exec(conn, "DELETE FROM queue WHERE id = ?1", params![message]),
+        Update::LastDelivery { registration, at } => exec(
+            conn,
+            "UPDATE registrations SET last_delivery_at = ?2 WHERE id = ?1 AND COALESCE(last_delivery_at, 0) < ?2",
+            params![registration, at],
+        ),
         Update::Retry { message, attempts, next_attempt_at } => exec(conn, 
             "UPDATE queue SET attempts = ?2, next_attempt_at = ?3, lease_until = 0 WHERE id = ?1",
             params![message, attempts, next_attempt_at],

@@ -121,7 +121,8 @@ async fn queue(store: &dyn Store) {
     // Deliver one, retry one, drop one.
     store
         .apply(&[
-            Update::Delivered { message: "q0".into(), registration: "reg-q".into(), at: now + 20 },
+            Update::Delivered { message: "q0".into() },
+            Update::LastDelivery { registration: "reg-q".into(), at: now + 20 },
             Update::Retry { message: "q1".into(), attempts: 1, next_attempt_at: now + 1_000 },
             Update::Drop { message: "q2".into(), registration: "reg-q".into(), failed: true },
         ])
@@ -130,6 +131,10 @@ async fn queue(store: &dyn Store) {
     let r = store.registration("reg-q").await.expect("read").expect("exists");
     assert_eq!(r.last_delivery_at, Some(now + 20));
     assert_eq!(r.delivery_failures, 1);
+    // The latest delivery wins, whatever order notes of it arrive in.
+    store.apply(&[Update::LastDelivery { registration: "reg-q".into(), at: now + 10 }]).await.expect("apply");
+    let r = store.registration("reg-q").await.expect("read").expect("exists");
+    assert_eq!(r.last_delivery_at, Some(now + 20));
     assert!(store.claim("expo", now + 500, 10, now + 10_000).await.expect("claim").is_empty(), "retry not due yet");
     let retried = store.claim("expo", now + 1_000, 10, now + 20_000).await.expect("claim");
     assert_eq!(ids(&retried), ["q1"]);
@@ -143,9 +148,9 @@ async fn queue(store: &dyn Store) {
     assert_eq!(ids(&reclaimed), ["q3", "q4"]);
     store
         .apply(&[
-            Update::Delivered { message: "q1".into(), registration: "reg-q".into(), at: now },
-            Update::Delivered { message: "q3".into(), registration: "reg-q".into(), at: now },
-            Update::Delivered { message: "q4".into(), registration: "reg-q".into(), at: now },
+            Update::Delivered { message: "q1".into() },
+            Update::Delivered { message: "q3".into() },
+            Update::Delivered { message: "q4".into() },
         ])
         .await
         .expect("apply");
@@ -184,7 +189,7 @@ async fn handed_off(store: &dyn Store) {
     assert_eq!(h1.token, "ExponentPushToken[reg-h]");
     let updates: Vec<Update> = ["h1", "h2", "h3"]
         .iter()
-        .map(|id| Update::Delivered { message: id.to_string(), registration: "reg-h".into(), at: now })
+        .map(|id| Update::Delivered { message: id.to_string() })
         .collect();
     store.apply(&updates).await.expect("apply");
     assert_eq!(store.queue_stats().await.expect("stats").depth, 0);
@@ -202,12 +207,12 @@ async fn topics(store: &dyn Store) {
     store.enqueue(&message("t4", "reg-t", Some("other"), now + 2), None, 0).await.expect("enqueue");
     let updates: Vec<Update> = ["t2", "t3"]
         .iter()
-        .map(|id| Update::Delivered { message: id.to_string(), registration: "reg-t".into(), at: now })
+        .map(|id| Update::Delivered { message: id.to_string() })
         .collect();
     store.apply(&updates).await.expect("apply");
     let claimed = store.claim("expo", now + 2, 10, now + 5_000).await.expect("claim");
     assert_eq!(ids(&claimed), ["t4"]);
-    store.apply(&[Update::Delivered { message: "t4".into(), registration: "reg-t".into(), at: now }]).await.expect("apply");
+    store.apply(&[Update::Delivered { message: "t4".into() }]).await.expect("apply");
 
     // Concurrent pushes with one topic (one group commit): exactly one stays.
     let (a, b, c) = (
@@ -222,7 +227,7 @@ async fn topics(store: &dyn Store) {
     assert!(claimed.contains(&"t7".to_string()));
     let updates: Vec<Update> = claimed
         .iter()
-        .map(|id| Update::Delivered { message: id.clone(), registration: "reg-t".into(), at: now })
+        .map(|id| Update::Delivered { message: id.clone() })
         .collect();
     store.apply(&updates).await.expect("apply");
 }
@@ -245,7 +250,7 @@ async fn bodies(store: &dyn Store) {
     let claimed = store.claim("expo", now, 10, now + 1_000).await.expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].message.content, Content::Fetch);
-    store.apply(&[Update::Delivered { message: "b1".into(), registration: "reg-b".into(), at: now }]).await.expect("apply");
+    store.apply(&[Update::Delivered { message: "b1".into() }]).await.expect("apply");
     assert!(store.take_body("other-reg", "b1", now).await.expect("take").is_none(), "only its registration");
     assert_eq!(store.take_body("reg-b", "b1", now).await.expect("take"), Some(body.clone()));
     assert!(store.take_body("reg-b", "b1", now).await.expect("take").is_none(), "kept until fetched");
@@ -343,7 +348,7 @@ async fn expiry(store: &dyn Store) {
     assert_eq!(store.expire(now + 100).await.expect("expire"), 1);
     let left = store.claim("expo", now + 100, 10, now + 1_000).await.expect("claim");
     assert_eq!(ids(&left), ["e2"]);
-    store.apply(&[Update::Delivered { message: "e2".into(), registration: "reg-e".into(), at: now }]).await.expect("apply");
+    store.apply(&[Update::Delivered { message: "e2".into() }]).await.expect("apply");
 }
 
 /// Leaves one claimed message behind, as a process killed mid-delivery does.
