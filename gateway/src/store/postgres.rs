@@ -268,6 +268,24 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
         }
     }
     let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let receipt_columns = ReceiptColumns::new(&receipts);
+    if delivered.is_empty() && failures.is_empty() && receipts_done.is_empty() && others.is_empty() {
+        // The usual group (delivered messages and their receipts): one
+        // statement, atomic by itself, so no BEGIN and COMMIT round trips.
+        let r = &receipt_columns;
+        exec(
+            &client,
+            "WITH removed AS (DELETE FROM queue WHERE id = ANY($1)) \
+             INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
+             SELECT id, provider, check_at, checks, 0, tickets \
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[]) \
+                 AS r(id, provider, check_at, checks, tickets) \
+             ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+            &[&removed, &r.ids, &r.providers, &r.check_at, &r.checks, &r.tickets],
+        )
+        .await?;
+        return Ok(());
+    }
     let tx = client.transaction().await.map_err(pg)?;
     if !removed.is_empty() {
         exec(&tx, "DELETE FROM queue WHERE id = ANY($1)", &[&removed]).await?;
@@ -294,11 +312,7 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
         .await?;
     }
     if !receipts.is_empty() {
-        let ids: Vec<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
-        let tickets: Vec<String> = receipts.iter().map(|r| tickets_json(&r.tickets)).collect();
-        let providers: Vec<&str> = receipts.iter().map(|r| r.provider.as_str()).collect();
-        let check_at: Vec<Millis> = receipts.iter().map(|r| r.check_at).collect();
-        let checks: Vec<i32> = receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect();
+        let ReceiptColumns { ids, providers, check_at, checks, tickets } = receipt_columns;
         exec(
             &tx,
             "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
@@ -319,9 +333,28 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
     tx.commit().await.map_err(pg)
 }
 
+/// New receipt rows as column arrays, for `unnest`.
+struct ReceiptColumns<'a> {
+    ids: Vec<&'a str>,
+    providers: Vec<&'a str>,
+    check_at: Vec<Millis>,
+    checks: Vec<i32>,
+    tickets: Vec<String>,
+}
+
+impl<'a> ReceiptColumns<'a> {
+    fn new(receipts: &[&'a PendingReceipt]) -> Self {
+        ReceiptColumns {
+            ids: receipts.iter().map(|r| r.id.as_str()).collect(),
+            providers: receipts.iter().map(|r| r.provider.as_str()).collect(),
+            check_at: receipts.iter().map(|r| r.check_at).collect(),
+            checks: receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect(),
+            tickets: receipts.iter().map(|r| tickets_json(&r.tickets)).collect(),
+        }
+    }
+}
+
 async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
-    let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
-    let tx = client.transaction().await.map_err(pg)?;
     // Topic replacement (RFC 8030 §5.4): a queued, unclaimed message with the
     // same registration and topic goes; within the group the last one wins
     // (over those not already handed to a worker).
@@ -330,17 +363,6 @@ async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
         if let Some(topic) = &job.message.topic {
             topics.insert((&job.message.registration, topic), i);
         }
-    }
-    if !topics.is_empty() {
-        let (registrations, topic_names): (Vec<&str>, Vec<&str>) = topics.keys().copied().unzip();
-        let now = group.iter().map(|j| j.message.created_at).max().unwrap_or(0);
-        exec(
-            &tx,
-            "DELETE FROM queue q USING unnest($1::text[], $2::text[]) AS t(registration, topic) \
-             WHERE q.registration = t.registration AND q.topic = t.topic AND q.lease_until <= $3",
-            &[&registrations, &topic_names, &now],
-        )
-        .await?;
     }
     let kept: Vec<&EnqueueJob> = group
         .iter()
@@ -355,6 +377,39 @@ async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
         .collect();
     let leases: Vec<Millis> = kept.iter().map(|job| job.lease_until).collect();
     let kept: Vec<&QueuedMessage> = kept.iter().map(|job| &job.message).collect();
+    let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    if topics.is_empty() && group.iter().all(|job| job.body.is_none()) {
+        // The usual group: one multi-row insert, atomic by itself, so no
+        // BEGIN and COMMIT round trips.
+        return insert_messages(&client, &kept, &leases).await;
+    }
+    let tx = client.transaction().await.map_err(pg)?;
+    if !topics.is_empty() {
+        let (registrations, topic_names): (Vec<&str>, Vec<&str>) = topics.keys().copied().unzip();
+        let now = group.iter().map(|j| j.message.created_at).max().unwrap_or(0);
+        exec(
+            &tx,
+            "DELETE FROM queue q USING unnest($1::text[], $2::text[]) AS t(registration, topic) \
+             WHERE q.registration = t.registration AND q.topic = t.topic AND q.lease_until <= $3",
+            &[&registrations, &topic_names, &now],
+        )
+        .await?;
+    }
+    insert_messages(&tx, &kept, &leases).await?;
+    for b in group.iter().filter_map(|job| job.body.as_ref()) {
+        exec(
+            &tx,
+            "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&b.message_id, &b.registration, &b.encoding.as_str(), &b.body, &b.salt, &b.dh, &b.expires_at],
+        )
+        .await?;
+    }
+    tx.commit().await.map_err(pg)
+}
+
+/// Inserts queued messages with one multi-row statement.
+async fn insert_messages(client: &impl GenericClient, kept: &[&QueuedMessage], leases: &[Millis]) -> Result<()> {
     let columns: Vec<ContentColumns> = kept.iter().map(|m| content_columns(&m.content)).collect();
     let ids: Vec<&str> = kept.iter().map(|m| m.id.as_str()).collect();
     let registrations: Vec<&str> = kept.iter().map(|m| m.registration.as_str()).collect();
@@ -371,35 +426,20 @@ async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
     let fields: Vec<Option<&str>> = columns.iter().map(|c| c.5.as_deref()).collect();
     let attempts: Vec<i32> = kept.iter().map(|m| i32::try_from(m.attempts).unwrap_or(i32::MAX)).collect();
     let next: Vec<Millis> = kept.iter().map(|m| m.next_attempt_at).collect();
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO queue (id, registration, provider, created_at, expires_at, urgency, topic, content_kind, \
-             encoding, body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
-                 $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[], $13::text[], \
-                 $14::int[], $15::bigint[], $16::bigint[])",
-        )
-        .await
-        .map_err(pg)?;
-    tx.execute(
-        &insert,
+    exec(
+        client,
+        "INSERT INTO queue (id, registration, provider, created_at, expires_at, urgency, topic, content_kind, \
+         encoding, body, salt, dh, fields, attempts, next_attempt_at, lease_until) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
+             $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bytea[], $12::bytea[], $13::text[], \
+             $14::int[], $15::bigint[], $16::bigint[])",
         &[
             &ids, &registrations, &providers, &created, &expires, &urgencies, &topic_col, &kinds, &encodings,
             &bodies, &salts, &dhs, &fields, &attempts, &next, &leases,
         ],
     )
     .await
-    .map_err(pg)?;
-    for b in group.iter().filter_map(|job| job.body.as_ref()) {
-        exec(
-            &tx,
-            "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[&b.message_id, &b.registration, &b.encoding.as_str(), &b.body, &b.salt, &b.dh, &b.expires_at],
-        )
-        .await?;
-    }
-    tx.commit().await.map_err(pg)
+    .map(|_| ())
 }
 
 /// Runs `sql` as a statement prepared once per connection: tokio-postgres
