@@ -212,6 +212,19 @@ async fn opaque_aes128gcm_and_aesgcm_decrypt_on_the_device() {
         Duration::from_secs(3),
     )
     .await;
+
+    // The registration view shows the latest delivery (written once a second).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (status, view) = ctx.app.get(&reg.id, &reg.secret).await;
+        assert_eq!(status, 200, "{view}");
+        if let Some(at) = view["last_delivery_at"].as_str() {
+            assert!(at.len() >= 20 && at.starts_with("20"), "RFC 3339 time: {view}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "last_delivery_at still empty: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
