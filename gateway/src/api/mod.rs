@@ -199,7 +199,10 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
             .unwrap_or_default()
     });
 
-    create
+    // Pushes first: they are nearly all the traffic, and each route before
+    // them would be tried (and rejected) on every push.
+    push.or(create)
+        .unify()
         .or(confirm)
         .unify()
         .or(get)
@@ -209,8 +212,6 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .or(delete)
         .unify()
         .or(fetch)
-        .unify()
-        .or(push)
         .unify()
         .or(healthz)
         .unify()
