@@ -3,7 +3,8 @@
 //! SQLite has a single writer, so all writes go through one thread that
 //! batches whatever is waiting into one transaction ("group commit"): under
 //! load, hundreds of pushes share one `fsync`, and each still gets its own
-//! result, because every job runs inside its own savepoint. Reads run on a
+//! result: should a job fail, the group is run again with every job inside
+//! its own savepoint (savepoints cost too much to take every time). Reads run on a
 //! small pool of separate connections, which WAL lets proceed while the
 //! writer writes.
 //!
@@ -54,10 +55,10 @@ impl SqliteStore {
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: Fn(&Connection) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job = Typed { work: Some(f), result: None, reply: tx };
+        let job = Typed { work: f, result: None, reply: tx };
         self.writer
             .send(Box::new(job))
             .map_err(|_| StoreError::Unavailable("the SQLite writer has stopped".into()))?;
@@ -93,7 +94,7 @@ impl SqliteStore {
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: Fn(&Connection) -> Result<T> + Send + 'static,
     {
         let Some(pool) = &self.readers else {
             return self.write(f).await;
@@ -197,14 +198,17 @@ impl ReaderPool {
 }
 
 /// A unit of work for the writer thread: `run` inside the group's
-/// transaction, then `finish` with the outcome of the commit.
+/// transaction (possibly twice, see [`writer_loop`]), then `finish` with the
+/// outcome of the commit.
 trait WriteJob: Send {
-    fn run(&mut self, conn: &Connection);
+    /// Runs the job; `isolated` wraps it in a savepoint, so that its failure
+    /// undoes only its own writes. Returns whether it succeeded.
+    fn run(&mut self, conn: &Connection, isolated: bool) -> bool;
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
 }
 
 struct Typed<T, F> {
-    work: Option<F>,
+    work: F,
     result: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
 }
@@ -212,16 +216,20 @@ struct Typed<T, F> {
 impl<T, F> WriteJob for Typed<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    F: Fn(&Connection) -> Result<T> + Send + 'static,
 {
-    fn run(&mut self, conn: &Connection) {
-        let Some(work) = self.work.take() else { return };
-        // A savepoint per job: one job's failure leaves the others' writes.
+    fn run(&mut self, conn: &Connection, isolated: bool) -> bool {
+        if !isolated {
+            let result = (self.work)(conn);
+            let ok = result.is_ok();
+            self.result = Some(result);
+            return ok;
+        }
         if let Err(e) = exec(conn, "SAVEPOINT job", []) {
             self.result = Some(Err(unavailable(e)));
-            return;
+            return false;
         }
-        let result = work(conn);
+        let result = (self.work)(conn);
         let end = if result.is_ok() {
             exec(conn, "RELEASE job", [])
         } else {
@@ -231,6 +239,7 @@ where
             Ok(_) => result,
             Err(e) => Err(unavailable(e)),
         });
+        matches!(self.result, Some(Ok(_)))
     }
 
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
@@ -252,11 +261,27 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Err(_) => break,
             }
         }
+        // Optimistically without a savepoint per job (two statements and a
+        // sub-journal each); should any job fail, the group is rolled back and
+        // run again with one savepoint per job, so that the others' writes stay.
         let commit = match exec(&conn, "BEGIN IMMEDIATE", []) {
             Err(e) => Err(e.to_string()),
             Ok(_) => {
+                let mut all_ok = true;
                 for job in jobs.iter_mut() {
-                    job.run(&conn);
+                    all_ok &= job.run(&conn, false);
+                }
+                if !all_ok {
+                    let again = exec(&conn, "ROLLBACK", []).and_then(|_| exec(&conn, "BEGIN IMMEDIATE", []));
+                    if let Err(e) = again {
+                        for job in jobs {
+                            job.finish(Err(e.to_string()));
+                        }
+                        continue;
+                    }
+                    for job in jobs.iter_mut() {
+                        job.run(&conn, true);
+                    }
                 }
                 exec(&conn, "COMMIT", []).map(|_| ()).map_err(|e| {
                     let _ = exec(&conn, "ROLLBACK", []);
@@ -499,7 +524,7 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(unavailable)?;
-            if let Some(b) = body {
+            if let Some(b) = &body {
                 exec(conn, 
                     "INSERT INTO stored_bodies (id, registration, encoding, body, salt, dh, expires_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",

@@ -58,6 +58,7 @@ pub async fn run(store: &dyn Store) {
     store.ping().await.expect("ping");
     registrations(store).await;
     queue(store).await;
+    one_failure_spares_the_others(store).await;
     handed_off(store).await;
     topics(store).await;
     bodies(store).await;
@@ -164,6 +165,31 @@ async fn queue(store: &dyn Store) {
         .await
         .expect("apply");
     assert_eq!(store.queue_stats().await.expect("stats").depth, 0);
+}
+
+/// Writes sent together (SQLite commits them as one group) succeed or
+/// fail each on its own: a refused write does not undo the others.
+async fn one_failure_spares_the_others(store: &dyn Store) {
+    let existing = registration("reg-f", RegistrationState::Active);
+    store.insert_registration(&existing).await.expect("insert");
+    let now = 120_000;
+    let (a, b) = (message("f1", "reg-f", None, now), message("f2", "reg-f", None, now));
+    let fresh = registration("reg-f2", RegistrationState::Active);
+    let (ra, dup, rb, rf) = tokio::join!(
+        store.enqueue(&a, None, 0),
+        store.insert_registration(&existing),
+        store.enqueue(&b, None, 0),
+        store.insert_registration(&fresh),
+    );
+    assert!(dup.is_err(), "a duplicate registration id is refused");
+    ra.expect("first enqueue");
+    rb.expect("second enqueue");
+    rf.expect("other registration");
+    assert_eq!(store.registration("reg-f2").await.expect("read"), Some(fresh));
+    let claimed = store.claim("expo", now, 10, now + 1_000).await.expect("claim");
+    assert_eq!(ids(&claimed), ["f1", "f2"]);
+    let done: Vec<Update> = ["f1", "f2"].iter().map(|id| Update::Delivered { message: id.to_string() }).collect();
+    store.apply(&done).await.expect("apply");
 }
 
 /// A message queued already leased (handed straight to a worker) is
