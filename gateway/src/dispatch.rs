@@ -41,6 +41,12 @@ const RECEIPT_RECHECK_MS: Millis = 60_000;
 const RECEIPT_MAX_CHECKS: u32 = 10;
 /// Receipts per claim.
 const RECEIPT_BATCH: usize = 1000;
+/// How long a worker that found less than half a batch of fresh pushes
+/// waits for more before sending. Every provider request, receipt and
+/// commit has a cost of its own: under load, fuller batches made the relay
+/// 7 % (PostgreSQL) to 14 % (SQLite) faster in the benchmark, for 1 ms of
+/// delivery latency.
+const GATHER: Duration = Duration::from_millis(1);
 
 pub fn now_ms() -> Millis {
     std::time::SystemTime::now()
@@ -231,6 +237,14 @@ impl Dispatcher {
             // A handed message is sent only with at least half its lease
             // left: the first renewal comes a third of a lease in.
             let mut batch = lane.take(self.queue.batch_size, now + self.lease_ms() / 2);
+            if !batch.is_empty() && batch.len() < self.queue.batch_size / 2 {
+                // Pushes are arriving one by one: wait a moment for more, so
+                // that the provider request, the receipt and the store's
+                // commit are shared by more of them.
+                tokio::time::sleep(GATHER).await;
+                let more = lane.take(self.queue.batch_size - batch.len(), now + self.lease_ms() / 2);
+                batch.extend(more);
+            }
             let room = self.queue.batch_size.saturating_sub(batch.len());
             let claim_due = batch.is_empty() || last_claim.is_none_or(|at| at.elapsed() >= self.poll_interval());
             let mut failed = false;
