@@ -67,7 +67,7 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+        connection(&self.pool).await
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -96,6 +96,11 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(pg)
     }
+}
+
+/// A pooled connection.
+async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object> {
+    pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
 }
 
 /// Concurrent enqueues waiting to be committed together.
@@ -140,10 +145,14 @@ async fn next_group<J>(jobs: &tokio::sync::Mutex<mpsc::Receiver<J>>, max: usize)
 async fn lookup_loop(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<LookupJob>>>) {
     while let Some(group) = next_group(&jobs, MAX_LOOKUPS).await {
         match lookup_group(&pool, &group).await {
-            Ok(found) => {
-                for job in group {
-                    // The same id may be asked for twice in one group.
-                    let registration = found.get(job.id.as_str()).cloned();
+            Ok(mut found) => {
+                let mut jobs = group.into_iter();
+                while let Some(job) = jobs.next() {
+                    // The same id may be asked for twice in one group: only
+                    // its last asker takes the row, the others a copy.
+                    let asked_again = jobs.as_slice().iter().any(|later| later.id == job.id);
+                    let registration =
+                        if asked_again { found.get(&job.id).cloned() } else { found.remove(&job.id) };
                     let _ = job.reply.send(Ok(registration));
                 }
             }
@@ -157,7 +166,7 @@ async fn lookup_loop(pool: Pool, jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Loo
 }
 
 async fn lookup_group(pool: &Pool, group: &[LookupJob]) -> Result<HashMap<String, Registration>> {
-    let client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let client = connection(pool).await?;
     let stmt = client
         .prepare_cached(&format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE id = ANY($1)"))
         .await
@@ -238,9 +247,9 @@ impl Committed for ApplyJob {
 }
 
 /// Applies the outcomes of several delivered batches in one transaction.
-/// The frequent updates (delete the message, note the delivery, remember
-/// its receipt) go as one statement each for the whole group; the rare
-/// ones one by one. Workers finishing together share a commit, as
+/// The frequent updates go as one statement each for the whole group
+/// (deleting the messages and remembering their receipts share one); the
+/// rare ones one by one. Workers finishing together share a commit, as
 /// enqueues do.
 async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
     let mut removed: Vec<&str> = Vec::new();
@@ -267,29 +276,14 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
             other => others.push(other),
         }
     }
-    let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
-    let receipt_columns = ReceiptColumns::new(&receipts);
+    let mut client = connection(pool).await?;
     if delivered.is_empty() && failures.is_empty() && receipts_done.is_empty() && others.is_empty() {
         // The usual group (delivered messages and their receipts): one
         // statement, atomic by itself, so no BEGIN and COMMIT round trips.
-        let r = &receipt_columns;
-        exec(
-            &client,
-            "WITH removed AS (DELETE FROM queue WHERE id = ANY($1)) \
-             INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
-             SELECT id, provider, check_at, checks, 0, tickets \
-             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[]) \
-                 AS r(id, provider, check_at, checks, tickets) \
-             ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-            &[&removed, &r.ids, &r.providers, &r.check_at, &r.checks, &r.tickets],
-        )
-        .await?;
-        return Ok(());
+        return remove_and_record(&client, &removed, &receipts).await;
     }
     let tx = client.transaction().await.map_err(pg)?;
-    if !removed.is_empty() {
-        exec(&tx, "DELETE FROM queue WHERE id = ANY($1)", &[&removed]).await?;
-    }
+    remove_and_record(&tx, &removed, &receipts).await?;
     if !delivered.is_empty() {
         let (ids, ats): (Vec<&str>, Vec<Millis>) = delivered.into_iter().unzip();
         exec(
@@ -311,19 +305,6 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
         )
         .await?;
     }
-    if !receipts.is_empty() {
-        let ReceiptColumns { ids, providers, check_at, checks, tickets } = receipt_columns;
-        exec(
-            &tx,
-            "INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
-             SELECT id, provider, check_at, checks, 0, tickets \
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::text[]) \
-                 AS r(id, provider, check_at, checks, tickets) \
-             ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
-            &[&ids, &providers, &check_at, &checks, &tickets],
-        )
-        .await?;
-    }
     if !receipts_done.is_empty() {
         exec(&tx, "DELETE FROM receipts WHERE id = ANY($1)", &[&receipts_done]).await?;
     }
@@ -333,25 +314,29 @@ async fn apply_group(pool: &Pool, group: &[ApplyJob]) -> Result<()> {
     tx.commit().await.map_err(pg)
 }
 
-/// New receipt rows as column arrays, for `unnest`.
-struct ReceiptColumns<'a> {
-    ids: Vec<&'a str>,
-    providers: Vec<&'a str>,
-    check_at: Vec<Millis>,
-    checks: Vec<i32>,
-    tickets: Vec<String>,
-}
-
-impl<'a> ReceiptColumns<'a> {
-    fn new(receipts: &[&'a PendingReceipt]) -> Self {
-        ReceiptColumns {
-            ids: receipts.iter().map(|r| r.id.as_str()).collect(),
-            providers: receipts.iter().map(|r| r.provider.as_str()).collect(),
-            check_at: receipts.iter().map(|r| r.check_at).collect(),
-            checks: receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect(),
-            tickets: receipts.iter().map(|r| tickets_json(&r.tickets)).collect(),
-        }
+/// Removes delivered (or dropped) messages and remembers the receipts of
+/// their provider requests, in one statement (a data-modifying CTE).
+async fn remove_and_record(client: &impl GenericClient, removed: &[&str], receipts: &[&PendingReceipt]) -> Result<()> {
+    if removed.is_empty() && receipts.is_empty() {
+        return Ok(());
     }
+    let ids: Vec<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
+    let providers: Vec<&str> = receipts.iter().map(|r| r.provider.as_str()).collect();
+    let check_at: Vec<Millis> = receipts.iter().map(|r| r.check_at).collect();
+    let checks: Vec<i32> = receipts.iter().map(|r| i32::try_from(r.checks).unwrap_or(i32::MAX)).collect();
+    let tickets: Vec<String> = receipts.iter().map(|r| tickets_json(&r.tickets)).collect();
+    exec(
+        client,
+        "WITH removed AS (DELETE FROM queue WHERE id = ANY($1)) \
+         INSERT INTO receipts (id, provider, check_at, checks, lease_until, tickets) \
+         SELECT id, provider, check_at, checks, 0, tickets \
+         FROM unnest($2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[]) \
+             AS r(id, provider, check_at, checks, tickets) \
+         ON CONFLICT (id) DO UPDATE SET check_at = EXCLUDED.check_at",
+        &[&removed, &ids, &providers, &check_at, &checks, &tickets],
+    )
+    .await
+    .map(|_| ())
 }
 
 async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
@@ -377,7 +362,7 @@ async fn insert_group(pool: &Pool, group: &[EnqueueJob]) -> Result<()> {
         .collect();
     let leases: Vec<Millis> = kept.iter().map(|job| job.lease_until).collect();
     let kept: Vec<&QueuedMessage> = kept.iter().map(|job| &job.message).collect();
-    let mut client = pool.get().await.map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let mut client = connection(pool).await?;
     if topics.is_empty() && group.iter().all(|job| job.body.is_none()) {
         // The usual group: one multi-row insert, atomic by itself, so no
         // BEGIN and COMMIT round trips.

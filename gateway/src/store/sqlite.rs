@@ -131,7 +131,8 @@ fn open_connection(path: &Path) -> Result<Connection> {
     // commit durable before the 201 is sent (group commit keeps it cheap);
     // secure_delete zeroes what rows leave behind, so erased keys do not
     // linger in free space; temp_store keeps the savepoints' sub-journal
-    // (one savepoint per job of a group commit) in memory, not in a file.
+    // (taken when a failed group is run again, see `writer_loop`) and other
+    // temporary data in memory, not in files.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON; PRAGMA foreign_keys = OFF; \
          PRAGMA temp_store = MEMORY;",
